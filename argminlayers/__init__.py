@@ -1,0 +1,62 @@
+"""argminlayers: differentiable argmin layers for PyTorch.
+
+``ArgminLayer(f)`` solves ``u* = argmin_u f(v, u)`` in the forward pass, batched, and
+back-propagates with the implicit function theorem, ``du*/dv = −H⁻¹ f_uv``, applying
+``H⁻¹`` with a pluggable strategy (dense, diagonal, Sherman–Morrison, Woodbury, CG).
+"""
+
+from . import check
+from .errors import ConvergenceError, ConvergenceWarning, SingularHessianError, StructureError
+from .hessian import DenseHessian, FunctionHessian, HessianOperator, LowRankHessian
+from .layer import ArgminLayer
+from .objective import FunctionObjective, Objective, Solution, as_objective
+from .solvers import LBFGS, Newton, NewtonCG, Solver, available_solvers, get_solver, register_solver
+from .strategies import (
+    CG,
+    Dense,
+    Diagonal,
+    ShermanMorrison,
+    Strategy,
+    Woodbury,
+    available_strategies,
+    get_strategy,
+    register_strategy,
+)
+from .validation import lengths_to_mask, resolve_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgminLayer",
+    "Objective",
+    "FunctionObjective",
+    "Solution",
+    "as_objective",
+    "HessianOperator",
+    "DenseHessian",
+    "FunctionHessian",
+    "LowRankHessian",
+    "Strategy",
+    "Dense",
+    "Diagonal",
+    "ShermanMorrison",
+    "Woodbury",
+    "CG",
+    "register_strategy",
+    "get_strategy",
+    "available_strategies",
+    "Solver",
+    "Newton",
+    "NewtonCG",
+    "LBFGS",
+    "register_solver",
+    "get_solver",
+    "available_solvers",
+    "ConvergenceWarning",
+    "ConvergenceError",
+    "SingularHessianError",
+    "StructureError",
+    "resolve_mask",
+    "lengths_to_mask",
+    "check",
+]

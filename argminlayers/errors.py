@@ -1,0 +1,24 @@
+"""Exceptions and warnings raised by argminlayers."""
+
+from __future__ import annotations
+
+
+class ConvergenceWarning(UserWarning):
+    """A forward solve (or an iterative backward solve) stopped before meeting its tolerance."""
+
+
+class ConvergenceError(RuntimeError):
+    """Raised instead of :class:`ConvergenceWarning` when ``on_nonconvergence="raise"``."""
+
+
+class SingularHessianError(RuntimeError):
+    """The Hessian at the solution is singular or indefinite, so the implicit gradient does not exist.
+
+    The message names the offending samples. Passing ``damping=λ > 0`` to the layer
+    regularises the backward solve to ``(H + λI)⁻¹``; the gradient is then that of the
+    damped system, not the exact one.
+    """
+
+
+class StructureError(ValueError):
+    """A backward strategy needs Hessian structure that the objective does not declare."""

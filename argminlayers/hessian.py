@@ -1,0 +1,211 @@
+"""Batched symmetric Hessians as linear operators.
+
+A backward strategy only ever sees a :class:`HessianOperator`: a batch of symmetric
+``q × q`` matrices ``H`` (shape ``(B, q, q)``) that knows what it can do cheaply.
+
+================  ==========================  ==============================
+operator          matvec ``H x``              declares
+================  ==========================  ==============================
+DenseHessian      ``O(q²)``                   the matrix itself
+FunctionHessian   one Hessian–vector product  nothing (matrix-free)
+LowRankHessian    ``O(n q)``                  ``H = diag(d) + Σ_i a_i b_iᵀ``
+================  ==========================  ==============================
+
+Every operator can be materialised with :meth:`~HessianOperator.dense` (at whatever that
+costs) and shifted by ``λI`` with :meth:`~HessianOperator.shifted` (used by ``damping``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+class HessianOperator:
+    """A batch of symmetric matrices ``H: (B, q, q)`` seen through what is cheap to compute.
+
+    Subclasses implement :meth:`matvec`; the other methods have generic (possibly
+    expensive) defaults that subclasses override when they know better.
+    """
+
+    def __init__(self, batch: int, q: int, dtype: torch.dtype, device: torch.device):
+        self.batch, self.q, self.dtype, self.device = batch, q, dtype, device
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.batch, self.q, self.q)
+
+    def matvec(self, x: Tensor) -> Tensor:
+        """``H x`` for ``x: (B, q)`` → ``(B, q)``."""
+        raise NotImplementedError
+
+    def matmat(self, X: Tensor) -> Tensor:
+        """``H X`` for ``X: (B, q, k)`` → ``(B, q, k)``; by default ``k`` matvecs, batched with vmap."""
+        cols = torch.func.vmap(self.matvec, in_dims=2, out_dims=2)
+        return cols(X)
+
+    def dense(self) -> Tensor:
+        """The matrices, ``(B, q, q)``."""
+        eye = torch.eye(self.q, dtype=self.dtype, device=self.device).expand(self.batch, self.q, self.q)
+        return self.matmat(eye.contiguous())
+
+    def diagonal(self) -> Tensor:
+        """``diag(H)``, ``(B, q)``."""
+        return self.dense().diagonal(dim1=-2, dim2=-1)
+
+    def low_rank(self) -> "LowRankHessian | None":
+        """The declared structure ``diag(d) + Σ a_i b_iᵀ``, or ``None`` when there is none."""
+        return None
+
+    def shifted(self, damping: float) -> "HessianOperator":
+        """``H + damping · I``."""
+        if damping == 0:
+            return self
+        return _ShiftedHessian(self, damping)
+
+
+class DenseHessian(HessianOperator):
+    """An explicit ``(B, q, q)`` matrix."""
+
+    def __init__(self, matrix: Tensor):
+        B, q, _ = matrix.shape
+        super().__init__(B, q, matrix.dtype, matrix.device)
+        self.matrix = matrix
+
+    def matvec(self, x: Tensor) -> Tensor:
+        return torch.bmm(self.matrix, x.unsqueeze(-1)).squeeze(-1)
+
+    def matmat(self, X: Tensor) -> Tensor:
+        return torch.bmm(self.matrix, X)
+
+    def dense(self) -> Tensor:
+        return self.matrix
+
+    def diagonal(self) -> Tensor:
+        return self.matrix.diagonal(dim1=-2, dim2=-1)
+
+    def shifted(self, damping: float) -> HessianOperator:
+        if damping == 0:
+            return self
+        eye = torch.eye(self.q, dtype=self.dtype, device=self.device)
+        return DenseHessian(self.matrix + damping * eye)
+
+
+class FunctionHessian(HessianOperator):
+    """Matrix-free Hessian given by callables.
+
+    Args:
+        matvec: ``x (B, q) -> H x (B, q)`` (a Hessian–vector product).
+        dense: optional ``() -> (B, q, q)``, cheaper than ``q`` matvecs (e.g. ``torch.func.hessian``).
+        diagonal: optional ``() -> (B, q)``.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        q: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        matvec: Callable[[Tensor], Tensor],
+        dense: Callable[[], Tensor] | None = None,
+        diagonal: Callable[[], Tensor] | None = None,
+    ):
+        super().__init__(batch, q, dtype, device)
+        self._matvec, self._dense, self._diagonal = matvec, dense, diagonal
+        self._dense_cache: Tensor | None = None
+
+    def matvec(self, x: Tensor) -> Tensor:
+        return self._matvec(x)
+
+    def dense(self) -> Tensor:
+        if self._dense_cache is None:
+            self._dense_cache = self._dense() if self._dense is not None else super().dense()
+        return self._dense_cache
+
+    def diagonal(self) -> Tensor:
+        if self._diagonal is not None:
+            return self._diagonal()
+        return self.dense().diagonal(dim1=-2, dim2=-1)
+
+
+class LowRankHessian(HessianOperator):
+    """``H = diag(d) + Σ_i a_i b_iᵀ = diag(d) + Aᵀ B``: the paper's Lemma 3 structure.
+
+    Args:
+        d: ``(B, q)`` diagonal.
+        A: ``(B, n, q)``, rows ``a_i``. Rows of zeros are allowed (inactive terms).
+        Bm: ``(B, n, q)``, rows ``b_i``; ``None`` means ``Bm = A`` (symmetric, ``H = D + AᵀA``).
+        capacitance_factor: optional lower Cholesky factor ``(B, n, n)`` of the capacitance
+            matrix ``I + B D⁻¹ Aᵀ``, when the forward pass has already factorised it.
+    """
+
+    def __init__(
+        self,
+        d: Tensor,
+        A: Tensor,
+        Bm: Tensor | None = None,
+        *,
+        capacitance_factor: Tensor | None = None,
+    ):
+        B, q = d.shape
+        super().__init__(B, q, d.dtype, d.device)
+        if A.dim() != 3 or A.shape[0] != B or A.shape[2] != q:
+            raise ValueError(f"A must have shape (B, n, q) = ({B}, n, {q}), got {tuple(A.shape)}")
+        if Bm is not None and Bm.shape != A.shape:
+            raise ValueError(f"Bm must have the shape of A {tuple(A.shape)}, got {tuple(Bm.shape)}")
+        self.d, self.A, self.Bm = d, A, Bm
+        self.capacitance_factor = capacitance_factor
+
+    @property
+    def symmetric(self) -> bool:
+        return self.Bm is None
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def right(self) -> Tensor:
+        return self.A if self.Bm is None else self.Bm
+
+    def matvec(self, x: Tensor) -> Tensor:
+        Bx = torch.bmm(self.right, x.unsqueeze(-1))  # (B, n, 1)
+        return self.d * x + torch.bmm(self.A.transpose(1, 2), Bx).squeeze(-1)
+
+    def matmat(self, X: Tensor) -> Tensor:
+        return self.d.unsqueeze(-1) * X + torch.bmm(self.A.transpose(1, 2), torch.bmm(self.right, X))
+
+    def dense(self) -> Tensor:
+        return torch.diag_embed(self.d) + torch.bmm(self.A.transpose(1, 2), self.right)
+
+    def diagonal(self) -> Tensor:
+        return self.d + (self.A * self.right).sum(dim=1)
+
+    def low_rank(self) -> "LowRankHessian":
+        return self
+
+    def shifted(self, damping: float) -> HessianOperator:
+        if damping == 0:
+            return self
+        # D changes, so a cached capacitance factor no longer applies.
+        return LowRankHessian(self.d + damping, self.A, self.Bm)
+
+
+class _ShiftedHessian(HessianOperator):
+    """``H + λI`` around any operator."""
+
+    def __init__(self, base: HessianOperator, damping: float):
+        super().__init__(base.batch, base.q, base.dtype, base.device)
+        self.base, self.damping = base, damping
+
+    def matvec(self, x: Tensor) -> Tensor:
+        return self.base.matvec(x) + self.damping * x
+
+    def dense(self) -> Tensor:
+        eye = torch.eye(self.q, dtype=self.dtype, device=self.device)
+        return self.base.dense() + self.damping * eye
+
+    def diagonal(self) -> Tensor:
+        return self.base.diagonal() + self.damping

@@ -1,0 +1,89 @@
+"""Batched linear-algebra kernels shared by the backward strategies and the forward solvers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .errors import SingularHessianError
+
+
+@dataclass
+class CGResult:
+    x: Tensor  # (B, q) solution
+    converged: Tensor  # (B,) bool: relative residual ≤ tol
+    iterations: Tensor  # (B,) iterations each sample used
+    negative_curvature: Tensor  # (B,) bool: a direction with pᵀHp ≤ 0 was met
+
+
+def batched_cg(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    precond: Tensor | None = None,
+) -> CGResult:
+    """Preconditioned conjugate gradient for ``H x = b``, every sample at once.
+
+    Each sample stops on its own once ``‖b − H x‖ ≤ tol · ‖b‖`` (its step size is
+    then zero), with no Python loop over the batch. A sample that meets a direction
+    of non-positive curvature stops there and is flagged in ``negative_curvature``.
+
+    Args:
+        matvec: ``x (B, q) -> H x (B, q)``; ``H`` symmetric.
+        b: ``(B, q)`` right-hand sides.
+        precond: optional ``(B, q)`` inverse diagonal (Jacobi preconditioner ``M⁻¹``).
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()
+    z = r * precond if precond is not None else r
+    p = z.clone()
+    rz = (r * z).sum(-1)
+    thresh = tol * b.norm(dim=-1)
+    active = r.norm(dim=-1) > thresh
+    negative = torch.zeros_like(active)
+    iters = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        Hp = matvec(p)
+        pHp = (p * Hp).sum(-1)
+        negative = negative | (active & ~(pHp > 0))
+        step = active & (pHp > 0)
+        alpha = torch.where(step, rz / torch.where(step, pHp, torch.ones_like(pHp)), torch.zeros_like(pHp))
+        x = x + alpha.unsqueeze(-1) * p
+        r = r - alpha.unsqueeze(-1) * Hp
+        z = r * precond if precond is not None else r
+        rz_new = (r * z).sum(-1)
+        beta = torch.where(step, rz_new / torch.where(step, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        p = z + beta.unsqueeze(-1) * p
+        rz = rz_new
+        iters = iters + step.long()
+        active = step & (r.norm(dim=-1) > thresh)
+    converged = ~active & ~negative
+    return CGResult(x, converged, iters, negative)
+
+
+def cholesky_or_raise(H: Tensor, what: str = "Hessian") -> Tensor:
+    """Lower Cholesky factor of ``H (B, q, q)``; raises :class:`SingularHessianError` naming the samples
+    whose matrix is not (numerically) positive definite."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if H.shape[-1] == 0:
+        return L
+    # Cholesky of an exactly singular matrix can "succeed" with a rounding-sized pivot;
+    # treat pivots² below 10·eps of the largest as singular too.
+    pivots = L.diagonal(dim1=-2, dim2=-1).abs() ** 2  # (B, q)
+    tiny = pivots.amin(-1) <= 10 * torch.finfo(H.dtype).eps * pivots.amax(-1)
+    failed = (info > 0) | tiny | ~torch.isfinite(L).flatten(1).all(-1)
+    if bool(failed.any()):
+        samples = failed.nonzero().flatten().tolist()
+        raise SingularHessianError(
+            f"the {what} at the solution is singular or not positive definite for samples "
+            f"{samples[:8]}{' ...' if len(samples) > 8 else ''}, so the implicit gradient does not "
+            "exist there; pass damping=λ > 0 to the layer to back-propagate through (H + λI)⁻¹ instead"
+        )
+    return L

@@ -1,0 +1,286 @@
+"""Backward strategies: how ``w = H⁻¹ g`` is computed.
+
+Every strategy has one required method, ``solve(hessian, g) -> w``, with
+``hessian`` a :class:`~argminlayers.hessian.HessianOperator` of shape ``(B, q, q)``
+and ``g, w`` of shape ``(B, q)``. The layer then forms the input gradient
+``dL/dv = −∂/∂v [wᵀ ∇_u f(v, u)]`` with one reverse-mode pass, whatever the strategy.
+
+=================  ==================================  ===========================  ========
+name               formula                              cost (per sample)            exact
+=================  ==================================  ===========================  ========
+dense              Cholesky of ``H``                    ``O(q³)`` + building ``H``   yes
+diagonal           ``w = g / diag(H)``                  ``O(q)`` + ``diag(H)``       no
+sherman_morrison   ``H⁻¹`` by ``n`` rank-one updates    ``O(n q²)``                  yes
+woodbury           solve in the ``n``-space             ``O(n² q + n³)``             yes
+cg                 conjugate gradient on ``H x``        ``k`` Hessian–vector prods   to tol
+=================  ==================================  ===========================  ========
+
+A new strategy is a subclass of :class:`Strategy` with a ``solve`` method, made
+available by name with :func:`register_strategy`::
+
+    @register_strategy("jacobi_sweeps")
+    class JacobiSweeps(Strategy):
+        exact = False
+        def solve(self, hessian, g):
+            d = hessian.diagonal()
+            w = g / d
+            for _ in range(3):
+                w = w + (g - hessian.matvec(w)) / d
+            return w
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .errors import ConvergenceError, ConvergenceWarning, SingularHessianError, StructureError
+from .hessian import HessianOperator, LowRankHessian
+from .linalg import batched_cg, cholesky_or_raise
+
+_STRATEGIES: dict[str, type["Strategy"]] = {}
+
+
+class Strategy:
+    """Computes ``w = H⁻¹ g`` for a batch. Subclasses implement :meth:`solve`.
+
+    Attributes:
+        exact: whether ``w`` is ``H⁻¹ g`` up to rounding (``cg`` is exact to its tolerance).
+        needs_low_rank: whether the Hessian must be declared as ``diag(d) + Σ a_i b_iᵀ``.
+    """
+
+    name: str = "strategy"
+    exact: bool = True
+    needs_low_rank: bool = False
+
+    def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
+    """Class decorator: make a :class:`Strategy` subclass available as ``backward=name``."""
+
+    def deco(cls: type[Strategy]) -> type[Strategy]:
+        cls.name = name
+        _STRATEGIES[name] = cls
+        return cls
+
+    return deco
+
+
+def available_strategies() -> list[str]:
+    """Names accepted by ``backward=``."""
+    return sorted(_STRATEGIES)
+
+
+def get_strategy(spec: "str | Strategy") -> Strategy:
+    """A strategy from its registered name, or the object itself if it has a ``solve`` method."""
+    if isinstance(spec, str):
+        try:
+            return _STRATEGIES[spec]()
+        except KeyError:
+            raise ValueError(
+                f"backward={spec!r} is not a known strategy; choose one of {available_strategies()} "
+                "or pass an object with a solve(hessian, g) method"
+            ) from None
+    if callable(getattr(spec, "solve", None)):
+        return spec
+    raise TypeError(
+        f"backward must be a strategy name {available_strategies()} or an object with a "
+        f"solve(hessian, g) method, got {type(spec).__name__}"
+    )
+
+
+def _require_low_rank(hessian: HessianOperator, name: str) -> LowRankHessian:
+    lr = hessian.low_rank()
+    if lr is None:
+        raise StructureError(
+            f"backward={name!r} needs the Hessian declared as diagonal + low rank (H = D + Σ a_i b_iᵀ), "
+            "and this objective declares no such structure; use 'dense', 'diagonal' or 'cg', or give "
+            "the objective a hessian() returning a LowRankHessian"
+        )
+    return lr
+
+
+def _check_finite(w: Tensor, name: str) -> Tensor:
+    if not bool(torch.isfinite(w).all()):
+        bad = (~torch.isfinite(w).all(-1)).nonzero().flatten().tolist()
+        raise SingularHessianError(
+            f"backward={name!r} produced non-finite values for samples {bad[:8]}: the Hessian is singular "
+            "or badly conditioned there; pass damping=λ > 0 to the layer"
+        )
+    return w
+
+
+@register_strategy("dense")
+class Dense(Strategy):
+    """``w = H⁻¹ g`` by batched Cholesky of the materialised Hessian.
+
+    Cost ``O(q³)`` per sample plus building ``H`` (``q`` Hessian–vector products for a
+    matrix-free objective). Exact. Raises :class:`SingularHessianError` when ``H`` is
+    not positive definite: at a strict local minimum it always is.
+    """
+
+    def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
+        L = cholesky_or_raise(hessian.dense())
+        return _check_finite(torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1), self.name)
+
+
+@register_strategy("diagonal")
+class Diagonal(Strategy):
+    """``w = g / diag(H)``: the paper's diagonal approximation.
+
+    Cost ``O(q)`` given ``diag(H)``. Exact only when ``H`` is diagonal; otherwise an
+    approximation whose error the benchmarks report.
+    """
+
+    exact = False
+
+    def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
+        d = hessian.diagonal()
+        bad = ~(d > 0).all(-1)
+        if bool(bad.any()):
+            raise SingularHessianError(
+                f"backward='diagonal' met a non-positive Hessian diagonal for samples "
+                f"{bad.nonzero().flatten().tolist()[:8]}; pass damping=λ > 0 to the layer"
+            )
+        return g / d
+
+
+@register_strategy("sherman_morrison")
+class ShermanMorrison(Strategy):
+    """The paper's Lemma 3: ``H⁻¹`` built from ``D⁻¹`` by ``n`` Sherman–Morrison updates
+
+    ``(M + a bᵀ)⁻¹ = M⁻¹ − M⁻¹ a bᵀ M⁻¹ / (1 + bᵀ M⁻¹ a)``
+
+    for ``H = D + Σ_i a_i b_iᵀ``. Cost ``O(n q²)`` time and ``O(q²)`` memory per sample:
+    exact, but it materialises a ``q × q`` inverse. Needs the low-rank structure.
+    """
+
+    needs_low_rank = True
+
+    def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
+        lr = _require_low_rank(hessian, self.name)
+        if not bool((lr.d != 0).all()):
+            raise SingularHessianError("backward='sherman_morrison' needs a non-zero diagonal D")
+        Minv = torch.diag_embed(1.0 / lr.d)  # (B, q, q)
+        A, Bm = lr.A, lr.right
+        for i in range(lr.rank):
+            a, b = A[:, i], Bm[:, i]  # (B, q)
+            Ma = torch.bmm(Minv, a.unsqueeze(-1)).squeeze(-1)  # (B, q)
+            bM = torch.bmm(b.unsqueeze(1), Minv).squeeze(1)  # (B, q)
+            denom = 1.0 + (b * Ma).sum(-1, keepdim=True)  # (B, 1)
+            Minv = Minv - torch.bmm(Ma.unsqueeze(-1), (bM / denom).unsqueeze(1))
+        w = torch.bmm(Minv, g.unsqueeze(-1)).squeeze(-1)
+        return _check_finite(w, self.name)
+
+
+@register_strategy("woodbury")
+class Woodbury(Strategy):
+    """Woodbury identity, solved in the ``n``-space of the low-rank terms:
+
+    ``(D + AᵀB)⁻¹ g = D⁻¹g − D⁻¹Aᵀ (I + B D⁻¹ Aᵀ)⁻¹ B D⁻¹ g``.
+
+    Cost ``O(n² q + n³)`` per sample, or ``O(n q + n²)`` when the objective hands over
+    the capacitance matrix already factorised (``LowRankHessian.capacitance_factor``),
+    as the rank-pool forward pass does. Exact. Needs the low-rank structure.
+    """
+
+    needs_low_rank = True
+
+    def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
+        lr = _require_low_rank(hessian, self.name)
+        if not bool((lr.d != 0).all()):
+            raise SingularHessianError("backward='woodbury' needs a non-zero diagonal D")
+        Dinv_g = g / lr.d  # (B, q)
+        if lr.rank == 0:
+            return _check_finite(Dinv_g, self.name)
+        A, Bm = lr.A, lr.right  # (B, n, q)
+        z = torch.bmm(Bm, Dinv_g.unsqueeze(-1))  # (B, n, 1)
+        if lr.capacitance_factor is not None:
+            y = torch.cholesky_solve(z, lr.capacitance_factor)
+        else:
+            n = lr.rank
+            cap = torch.eye(n, dtype=g.dtype, device=g.device) + torch.bmm(Bm / lr.d.unsqueeze(1), A.transpose(1, 2))
+            if lr.symmetric and bool((lr.d > 0).all()):
+                y = torch.cholesky_solve(z, cholesky_or_raise(cap, "capacitance matrix I + A D⁻¹ Aᵀ"))
+            else:
+                LU, piv, info = torch.linalg.lu_factor_ex(cap)
+                if bool((info > 0).any()):
+                    raise SingularHessianError(
+                        "backward='woodbury': the capacitance matrix I + B D⁻¹ Aᵀ is singular for samples "
+                        f"{(info > 0).nonzero().flatten().tolist()[:8]}"
+                    )
+                y = torch.linalg.lu_solve(LU, piv, z)
+        w = Dinv_g - torch.bmm(A.transpose(1, 2), y).squeeze(-1) / lr.d
+        return _check_finite(w, self.name)
+
+
+@register_strategy("cg")
+class CG(Strategy):
+    """Conjugate gradient on Hessian–vector products; matrix-free.
+
+    Cost: ``k`` Hessian–vector products, ``k ≤ max_iter``; exact to ``tol`` (relative
+    residual ``‖g − H w‖ ≤ tol ‖g‖``). ``preconditioner="jacobi"`` divides by ``diag(H)``
+    (free for declared structure, ``q`` HVPs for a matrix-free objective).
+
+    Args:
+        tol: relative residual; default ``1e-10`` in float64, ``1e-5`` in float32.
+        max_iter: default ``max(2q, 50)``.
+        preconditioner: ``None`` or ``"jacobi"``.
+        on_nonconvergence: ``"warn"`` (default) or ``"raise"``.
+    """
+
+    def __init__(
+        self,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        preconditioner: str | None = None,
+        on_nonconvergence: str = "warn",
+    ):
+        if tol is not None and not tol > 0:
+            raise ValueError(f"tol must be > 0, got {tol}")
+        if max_iter is not None and max_iter < 1:
+            raise ValueError(f"max_iter must be ≥ 1, got {max_iter}")
+        if preconditioner not in (None, "jacobi"):
+            raise ValueError(f"preconditioner must be None or 'jacobi', got {preconditioner!r}")
+        if on_nonconvergence not in ("warn", "raise"):
+            raise ValueError(f"on_nonconvergence must be 'warn' or 'raise', got {on_nonconvergence!r}")
+        self.tol, self.max_iter = tol, max_iter
+        self.preconditioner, self.on_nonconvergence = preconditioner, on_nonconvergence
+
+    def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
+        tol = self.tol if self.tol is not None else (1e-10 if g.dtype == torch.float64 else 1e-5)
+        max_iter = self.max_iter if self.max_iter is not None else max(2 * hessian.q, 50)
+        precond = None
+        if self.preconditioner == "jacobi":
+            d = hessian.diagonal()
+            if not bool((d > 0).all()):
+                raise SingularHessianError("backward='cg' with a Jacobi preconditioner met a non-positive diagonal")
+            precond = 1.0 / d
+        res = batched_cg(hessian.matvec, g, tol=tol, max_iter=max_iter, precond=precond)
+        if bool(res.negative_curvature.any()):
+            raise SingularHessianError(
+                "backward='cg' met non-positive curvature for samples "
+                f"{res.negative_curvature.nonzero().flatten().tolist()[:8]}: the Hessian at the solution is "
+                "not positive definite; pass damping=λ > 0 to the layer"
+            )
+        if not bool(res.converged.all()):
+            bad = (~res.converged).nonzero().flatten().tolist()
+            msg = (
+                f"backward='cg' did not reach tol={tol:g} within max_iter={max_iter} for samples {bad[:8]}; "
+                "raise max_iter, use preconditioner='jacobi', or use an exact strategy"
+            )
+            if self.on_nonconvergence == "raise":
+                raise ConvergenceError(msg)
+            warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+        return res.x
+
+    def __repr__(self) -> str:
+        return f"CG(tol={self.tol}, max_iter={self.max_iter}, preconditioner={self.preconditioner!r})"

@@ -1,0 +1,97 @@
+"""Input validation shared by every layer: shapes, masks, lengths, finiteness.
+
+Every check raises an error that names the offending argument and says what was
+expected, so that bad input never turns into a silent NaN further down.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_sequence(V: Tensor, name: str = "V") -> None:
+    """``V`` must be a floating tensor of shape ``(B, T, p)`` with ``B, T, p ≥ 1``."""
+    if not isinstance(V, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, T, p), got {type(V).__name__}")
+    if V.dim() != 3:
+        raise ValueError(
+            f"{name} must have 3 dimensions (B, T, p), got {V.dim()} with shape {tuple(V.shape)}"
+        )
+    if not V.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {V.dtype}")
+    B, T, p = V.shape
+    if T == 0:
+        raise ValueError(f"{name} has T = 0 time steps (shape {tuple(V.shape)}); every sequence needs at least one")
+    if B == 0 or p == 0:
+        raise ValueError(f"{name} must have B ≥ 1 and p ≥ 1, got shape {tuple(V.shape)}")
+
+
+def lengths_to_mask(lengths: Tensor, T: int, *, name: str = "lengths") -> Tensor:
+    """``(B,)`` integer lengths in ``1..T`` → ``(B, T)`` boolean mask, valid steps first."""
+    if lengths.dim() != 1:
+        raise ValueError(f"{name} must have shape (B,), got {tuple(lengths.shape)}")
+    if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got dtype {lengths.dtype}")
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+        bad = [i for i, n in enumerate(lengths.tolist()) if n < 1 or n > T]
+        raise ValueError(
+            f"{name} must lie in 1..T = 1..{T}; samples {bad[:8]} have lengths "
+            f"{[lengths[i].item() for i in bad[:8]]}"
+        )
+    steps = torch.arange(T, device=lengths.device)
+    return steps.unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def resolve_mask(
+    V: Tensor,
+    mask: Tensor | None = None,
+    lengths: Tensor | None = None,
+    *,
+    name: str = "V",
+) -> Tensor:
+    """Validate ``V`` and return a ``(B, T)`` boolean mask of its valid steps.
+
+    ``mask`` may be a ``(B, T)`` boolean mask or, for convenience, ``(B,)`` integer
+    lengths; ``lengths`` is the explicit form of the latter. Without either, every step
+    is valid. Non-finite values are rejected at valid steps only: padded steps are
+    never read.
+    """
+    check_sequence(V, name)
+    B, T, _ = V.shape
+    if mask is not None and lengths is not None:
+        raise ValueError("pass either mask or lengths, not both")
+    if mask is not None and isinstance(mask, Tensor) and mask.dim() == 1 and mask.dtype != torch.bool:
+        lengths, mask = mask, None
+    if lengths is not None:
+        if not isinstance(lengths, Tensor):
+            lengths = torch.as_tensor(lengths)
+        if lengths.device != V.device:
+            raise ValueError(f"lengths is on {lengths.device} but {name} is on {V.device}; move them to one device")
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths must have shape (B,) = ({B},), got {tuple(lengths.shape)}")
+        mask = lengths_to_mask(lengths, T)
+    elif mask is None:
+        mask = torch.ones(B, T, dtype=torch.bool, device=V.device)
+    else:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a boolean torch.Tensor of shape (B, T), got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a boolean tensor of shape (B, T), got dtype {mask.dtype}")
+        if mask.shape != (B, T):
+            raise ValueError(
+                f"mask must have shape (B, T) = ({B}, {T}) to match {name}, got {tuple(mask.shape)}"
+            )
+        if mask.device != V.device:
+            raise ValueError(f"mask is on {mask.device} but {name} is on {V.device}; move them to one device")
+        empty = ~mask.any(dim=1)
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten().tolist()
+            raise ValueError(f"mask has no valid step in rows {rows[:8]}; every sequence needs at least one")
+    bad = ~torch.isfinite(V).all(dim=-1) & mask
+    if bool(bad.any()):
+        b, t = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} contains NaN or Inf at {int(bad.sum())} valid step(s), first at sample {b}, step {t}"
+        )
+    return mask

@@ -1,0 +1,23 @@
+"""The one call every pooling shares: ``pool(V, lengths=None)``, ``(B, T, p) → (B, q)``."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from argminlayers import resolve_mask
+
+
+class Pooling(nn.Module):
+    """Base class: ``forward(V, lengths=None)`` with ``V: (B, T, p)`` and ``lengths: (B,)``
+    (or a ``(B, T)`` bool mask) → ``(B, output_dim(p))``. Padded steps have no influence."""
+
+    def output_dim(self, p: int) -> int:
+        """Width of the pooled vector for ``p``-dimensional features."""
+        return p
+
+    def forward(self, V: Tensor, lengths: Tensor | None = None) -> Tensor:
+        return self.pool(V, resolve_mask(V, lengths))
+
+    def pool(self, V: Tensor, mask: Tensor) -> Tensor:
+        """``V: (B, T, p)`` (validated), ``mask: (B, T)`` bool → ``(B, q)``."""
+        raise NotImplementedError

@@ -1,0 +1,252 @@
+"""The generic mechanism: gradients, strategies, solvers, masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from argminlayers import ArgminLayer, Objective, check
+from argminlayers.objectives import LogCoshRegression, PseudoHuber, SquaredDistance
+
+DT = torch.float64
+
+EXACT = ["dense", "sherman_morrison", "woodbury", "cg"]
+
+
+def tight(backward):
+    """Exact strategies; cg at a tolerance far below gradcheck's."""
+    from argminlayers import CG
+
+    return CG(tol=1e-13, max_iter=200) if backward == "cg" else backward
+
+
+OBJECTIVES = {
+    "quadratic": SquaredDistance,
+    "pseudo_huber": lambda: PseudoHuber(delta=0.7),
+    "logcosh": lambda: LogCoshRegression(C=0.3),
+}
+
+
+def data(B=2, T=4, p=3, seed=0, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(B, T, p, generator=g, dtype=DT)
+
+
+LENGTHS = {"full": None, "masked": torch.tensor([4, 2])}
+
+
+@pytest.mark.parametrize("masking", sorted(LENGTHS))
+@pytest.mark.parametrize("backward", EXACT)
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_gradcheck_exact_strategies(name, backward, masking):
+    layer = ArgminLayer(OBJECTIVES[name](), backward=tight(backward))
+    args = () if LENGTHS[masking] is None else (LENGTHS[masking],)
+    assert check.gradcheck(layer, data(), *args)
+
+
+def robust_fn(v, u, mask):  # plain function, no declared structure
+    return (torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum()
+
+
+@pytest.mark.parametrize("backward", ["dense", "cg"])
+def test_gradcheck_plain_function(backward):
+    layer = ArgminLayer(robust_fn, backward=tight(backward))
+    assert check.gradcheck(layer, data(), torch.tensor([3, 4]))
+    assert check.finite_difference(layer, data(seed=1), torch.tensor([3, 4])) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_exact_strategies_agree(name):
+    V = data(B=4, T=12, p=6, seed=3)
+    lengths = torch.tensor([12, 7, 3, 1])
+    ref = ArgminLayer(OBJECTIVES[name](), backward="dense")
+    for backward in EXACT[1:]:
+        c = check.compare(ArgminLayer(OBJECTIVES[name](), backward=tight(backward)), ref, V, lengths)
+        assert c.output_rel_err == 0.0  # same forward solve
+        assert c.grad_rel_err < 1e-8, (backward, c)
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "logcosh"])
+def test_diagonal_is_an_approximation(name):
+    """The diagonal strategy's error is measured, not hidden: it differs from exact."""
+    V = data(B=4, T=12, p=6, seed=3)
+    exact = ArgminLayer(OBJECTIVES[name](), backward="dense")
+    c = check.compare(ArgminLayer(OBJECTIVES[name](), backward="diagonal"), exact, V)
+    assert c.output_rel_err == 0.0
+    assert 1e-6 < c.grad_rel_err < 1.0
+    assert 0.0 < c.grad_cosine < 1 - 1e-9
+
+
+def test_diagonal_exact_for_isotropic_hessian():
+    V = data(B=3, T=5, p=4)
+    c = check.compare(ArgminLayer(SquaredDistance(), backward="diagonal"), ArgminLayer(SquaredDistance()), V)
+    assert c.grad_rel_err < 1e-14
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_declared_structure_matches_autodiff(name):
+    obj = OBJECTIVES[name]()
+    V = data(B=3, T=6, p=4, seed=5)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5], dtype=torch.bool)
+    V = V * mask.unsqueeze(-1)
+    U = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=DT)
+    declared = obj.hessian(V, U, mask)
+    generic = Objective.hessian(obj, V, U, mask)
+    torch.testing.assert_close(declared.dense(), generic.dense(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(declared.diagonal(), generic.diagonal(), rtol=1e-12, atol=1e-12)
+    X = torch.randn(3, 4, generator=torch.Generator().manual_seed(2), dtype=DT)
+    torch.testing.assert_close(declared.matvec(X), generic.matvec(X), rtol=1e-12, atol=1e-12)
+    W = torch.randn(3, 4, generator=torch.Generator().manual_seed(3), dtype=DT)
+    torch.testing.assert_close(obj.vjp_v(V, U, mask, W), Objective.vjp_v(obj, V, U, mask, W))
+    torch.testing.assert_close(obj.grad(V, U, mask), Objective.grad(obj, V, U, mask))
+
+
+@pytest.mark.parametrize("solver", ["newton", "lbfgs", "newton_cg"])
+@pytest.mark.parametrize("name", ["pseudo_huber", "logcosh"])
+def test_solvers_agree_and_converge(name, solver):
+    V = data(B=5, T=9, p=4, seed=7)
+    lengths = torch.tensor([9, 8, 5, 2, 1])
+    layer = ArgminLayer(OBJECTIVES[name](), solver=solver)
+    mask = torch.arange(9).unsqueeze(0) < lengths.unsqueeze(1)
+    sol = layer.solve(V * mask.unsqueeze(-1), mask)
+    assert bool(sol.converged.all())
+    ref = ArgminLayer(OBJECTIVES[name](), solver="newton")(V, lengths)
+    torch.testing.assert_close(layer(V, lengths), ref, rtol=1e-8, atol=1e-9)
+    g = layer.objective.grad(V * mask.unsqueeze(-1), ref, mask)
+    assert float(g.norm(dim=-1).max()) < 1e-8
+
+
+def test_per_sample_convergence_counts():
+    """Samples stop on their own: an easy sample uses fewer Newton iterations."""
+    V = data(B=2, T=6, p=3, seed=2)
+    V[1] *= 20  # far from the start point: more iterations
+    layer = ArgminLayer(PseudoHuber(), solver="newton")
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    layer.objective.init = lambda V, mask: V.new_zeros(V.shape[0], V.shape[2])
+    sol = layer.solve(V, mask)
+    assert bool(sol.converged.all())
+    assert sol.iterations[0] < sol.iterations[1]
+
+
+def test_padded_steps_have_no_influence_and_zero_gradient():
+    V = data(B=3, T=6, p=4, seed=11).requires_grad_(True)
+    lengths = torch.tensor([6, 3, 1])
+    layer = ArgminLayer(PseudoHuber(), backward="woodbury")
+    u = layer(V, lengths)
+    u.pow(2).sum().backward()
+    assert V.grad[1, 3:].abs().sum() == 0 and V.grad[2, 1:].abs().sum() == 0
+    assert V.grad[1, :3].abs().sum() > 0
+    W = V.detach().clone()
+    W[1, 3:] = 1e6
+    W[2, 1:] = float("nan")  # never read: padded
+    torch.testing.assert_close(layer(W, lengths), u.detach(), rtol=0, atol=0)
+
+
+def test_mask_equals_lengths():
+    V = data(B=2, T=5, p=3)
+    layer = ArgminLayer(LogCoshRegression())
+    lengths = torch.tensor([5, 2])
+    mask = torch.arange(5).unsqueeze(0) < lengths.unsqueeze(1)
+    torch.testing.assert_close(layer(V, mask), layer(V, lengths=lengths), rtol=0, atol=0)
+    torch.testing.assert_close(layer(V, mask), layer(V, lengths), rtol=0, atol=0)
+
+
+def test_float32_matches_float64():
+    V = data(B=3, T=8, p=5)
+    u64 = ArgminLayer(PseudoHuber(), backward="cg")(V)
+    V32 = V.float().requires_grad_(True)
+    u32 = ArgminLayer(PseudoHuber(), backward="cg")(V32)
+    assert u32.dtype == torch.float32
+    torch.testing.assert_close(u32.double(), u64, rtol=1e-4, atol=1e-5)
+    u32.sum().backward()
+    assert torch.isfinite(V32.grad).all()
+
+
+def test_q_set_by_init():
+    class TwoMoments(Objective):
+        """u = (mean of first feature, mean of squares of first feature): q = 2 ≠ p."""
+
+        def f(self, v, u, mask):
+            x = v[:, 0]
+            return 0.5 * (((u[0] - x) ** 2 + (u[1] - x**2) ** 2) * mask).sum()
+
+        def init(self, V, mask):
+            return V.new_zeros(V.shape[0], 2)
+
+    V = data(B=2, T=5, p=3)
+    u = ArgminLayer(TwoMoments())(V)
+    assert u.shape == (2, 2)
+    torch.testing.assert_close(u[:, 0], V[:, :, 0].mean(1))
+    torch.testing.assert_close(u[:, 1], (V[:, :, 0] ** 2).mean(1))
+    assert check.gradcheck(ArgminLayer(TwoMoments()), V)
+
+
+def test_damping_regularises_the_backward():
+    V = data(B=2, T=4, p=3)
+    exact = ArgminLayer(PseudoHuber())
+    damped = ArgminLayer(PseudoHuber(), damping=1e3)
+    c = check.compare(damped, exact, V)
+    assert c.output_rel_err == 0
+    assert c.grad_rel_err > 0.5  # (H + λI)⁻¹ with a large λ is far from H⁻¹
+
+
+def test_custom_strategy_object():
+    from argminlayers import Strategy, register_strategy, available_strategies
+
+    @register_strategy("jacobi_sweeps_test")
+    class JacobiSweeps(Strategy):
+        exact = False
+
+        def solve(self, hessian, g):
+            d = hessian.diagonal()
+            w = g / d
+            for _ in range(60):
+                w = w + (g - hessian.matvec(w)) / d
+            return w
+
+    assert "jacobi_sweeps_test" in available_strategies()
+    V = data(B=2, T=6, p=3) * 0.2  # near-diagonal Hessian: Jacobi sweeps converge
+    c = check.compare(ArgminLayer(SquaredDistance(), backward="jacobi_sweeps_test"), ArgminLayer(SquaredDistance()), V)
+    assert c.grad_rel_err < 1e-12
+    c = check.compare(ArgminLayer(PseudoHuber(), backward=JacobiSweeps()), ArgminLayer(PseudoHuber()), V)
+    assert c.grad_rel_err < 1e-8
+
+
+def test_check_compare_reports_difference():
+    V = data()
+    c = check.compare(lambda x: x.sum(1), lambda x: 2 * x.sum(1), V)
+    assert abs(c.output_rel_err - 0.5) < 1e-12 and abs(c.grad_rel_err - 0.5) < 1e-12
+    assert abs(c.grad_cosine - 1) < 1e-12
+    assert "grad" in str(c)
+
+
+def test_finite_difference_detects_a_wrong_gradient():
+    class WrongGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.sum(1)
+
+        @staticmethod
+        def backward(ctx, g):
+            return 1.5 * g.unsqueeze(1).expand(-1, 4, -1)
+
+    assert check.finite_difference(lambda x: WrongGrad.apply(x), data()) > 0.1
+    with pytest.raises(Exception):
+        check.gradcheck(lambda x: WrongGrad.apply(x), data())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    V = data(B=3, T=6, p=4)
+    lengths = torch.tensor([6, 3, 1])
+    for obj, backward in [(PseudoHuber(), "woodbury"), (LogCoshRegression(), "cg"), (robust_fn, "dense")]:
+        cpu = ArgminLayer(obj, backward=backward)
+        Vc = V.cuda().requires_grad_(True)
+        u = cpu(Vc, lengths.cuda())
+        assert u.device.type == "cuda"
+        u.sum().backward()
+        Vh = V.clone().requires_grad_(True)
+        uh = cpu(Vh, lengths)
+        uh.sum().backward()
+        torch.testing.assert_close(u.cpu(), uh)
+        torch.testing.assert_close(Vc.grad.cpu(), Vh.grad)
