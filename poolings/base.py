@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from argminlayers import resolve_mask
@@ -16,8 +17,12 @@ class Pooling(nn.Module):
         return p
 
     def forward(self, V: Tensor, lengths: Tensor | None = None) -> Tensor:
-        return self.pool(V, resolve_mask(V, lengths))
+        mask = resolve_mask(V, lengths)
+        # Zero padded steps: whatever they hold (even NaN) cannot leak, and torch.where
+        # sends them exactly zero gradient.
+        V = torch.where(mask.unsqueeze(-1), V, torch.zeros((), dtype=V.dtype, device=V.device))
+        return self.pool(V, mask)
 
     def pool(self, V: Tensor, mask: Tensor) -> Tensor:
-        """``V: (B, T, p)`` (validated), ``mask: (B, T)`` bool → ``(B, q)``."""
+        """``V: (B, T, p)`` (validated, padded steps zero), ``mask: (B, T)`` bool → ``(B, q)``."""
         raise NotImplementedError
