@@ -22,7 +22,7 @@ from .strategies import (
     get_strategy,
     register_strategy,
 )
-from .validation import lengths_to_mask, resolve_mask
+from .validation import lengths_to_mask, resolve_mask, zero_padding
 
 __version__ = "0.1.0"
 
@@ -58,5 +58,6 @@ __all__ = [
     "StructureError",
     "resolve_mask",
     "lengths_to_mask",
+    "zero_padding",
     "check",
 ]

@@ -20,7 +20,7 @@ from .errors import ConvergenceError, ConvergenceWarning, StructureError
 from .objective import Objective, Solution, as_objective
 from .solvers import Solver, default_tol, get_solver
 from .strategies import Strategy, available_strategies, get_strategy
-from .validation import resolve_mask
+from .validation import resolve_mask, zero_padding
 
 _LAYER_OPTIONS = ("tol", "max_iter", "on_nonconvergence", "damping")
 
@@ -117,14 +117,17 @@ class ArgminLayer(nn.Module):
     def forward(self, V: Tensor, mask: Tensor | None = None, *, lengths: Tensor | None = None) -> Tensor:
         """``V: (B, T, p)`` → ``(B, q)``. ``mask: (B, T)`` bool, or ``lengths: (B,)``."""
         mask = resolve_mask(V, mask, lengths)
+        return self.forward_masked(zero_padding(V, mask), mask)
+
+    def forward_masked(self, V: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`forward` for input that is already validated (``resolve_mask``) and whose
+        padded steps are already zero (``zero_padding``): what a pooling that wraps the
+        layer calls, so that the checks and the copy are not made twice."""
         if not self.objective.uses_mask and not bool(mask.all()):
             raise ValueError(
                 "mask/lengths mark padded steps, but the objective takes no mask, so it would read them; "
                 "write it as f(v, u, mask) and leave padded steps out of the sum"
             )
-        # Padded steps are zeroed: whatever they held (even NaN) cannot leak into f,
-        # and torch.where sends them exactly zero gradient.
-        V = torch.where(mask.unsqueeze(-1), V, torch.zeros((), dtype=V.dtype, device=V.device))
         return _ArgminFunction.apply(self, V, mask)
 
     def solve(self, V: Tensor, mask: Tensor) -> Solution:

@@ -88,10 +88,25 @@ def resolve_mask(
         if bool(empty.any()):
             rows = empty.nonzero().flatten().tolist()
             raise ValueError(f"mask has no valid step in rows {rows[:8]}; every sequence needs at least one")
-    bad = ~torch.isfinite(V).all(dim=-1) & mask
+    # A NaN or Inf anywhere in a step makes its sum non-finite: one read pass over V,
+    # no (B, T, p) temporary. (A finite step whose sum overflows is flagged too; its
+    # values would overflow inside any objective anyway.)
+    bad = ~torch.isfinite(V.sum(dim=-1)) & mask
     if bool(bad.any()):
-        b, t = bad.nonzero()[0].tolist()
+        bad = ~torch.isfinite(V).all(dim=-1) & mask  # the exact culprits, for the message
+        b, t = bad.nonzero()[0].tolist() if bool(bad.any()) else (0, 0)
         raise ValueError(
             f"{name} contains NaN or Inf at {int(bad.sum())} valid step(s), first at sample {b}, step {t}"
         )
     return mask
+
+
+def zero_padding(V: Tensor, mask: Tensor) -> Tensor:
+    """``V`` with padded steps set to zero (a copy only when there is padding).
+
+    ``torch.where`` sends padded steps exactly zero gradient, and whatever they held
+    (even NaN) cannot leak into what follows.
+    """
+    if bool(mask.all()):
+        return V
+    return torch.where(mask.unsqueeze(-1), V, torch.zeros((), dtype=V.dtype, device=V.device))

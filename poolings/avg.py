@@ -35,4 +35,4 @@ class AvgPool(Pooling):
         self.layer = ArgminLayer(SquaredDistance(), backward=backward, **layer_options)
 
     def pool(self, V: Tensor, mask: Tensor) -> Tensor:
-        return self.layer(V, mask)
+        return self.layer.forward_masked(V, mask)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from argminlayers import resolve_mask
+from argminlayers import resolve_mask, zero_padding
 
 
 class Pooling(nn.Module):
@@ -18,10 +17,7 @@ class Pooling(nn.Module):
 
     def forward(self, V: Tensor, lengths: Tensor | None = None) -> Tensor:
         mask = resolve_mask(V, lengths)
-        # Zero padded steps: whatever they hold (even NaN) cannot leak, and torch.where
-        # sends them exactly zero gradient.
-        V = torch.where(mask.unsqueeze(-1), V, torch.zeros((), dtype=V.dtype, device=V.device))
-        return self.pool(V, mask)
+        return self.pool(zero_padding(V, mask), mask)
 
     def pool(self, V: Tensor, mask: Tensor) -> Tensor:
         """``V: (B, T, p)`` (validated, padded steps zero), ``mask: (B, T)`` bool → ``(B, q)``."""
