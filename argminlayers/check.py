@@ -18,7 +18,8 @@ class Comparison:
 
     ``output_*`` compare the outputs ``U_a, U_b``; ``grad_*`` compare the input gradients
     ``dL/dV`` for the same random upstream gradient ``dL/dU``. Relative errors are
-    ``‖a − b‖ / max(‖b‖, tiny)`` (``b`` is the reference).
+    ``‖a − b‖ / max(‖b‖, tiny)`` (``b`` is the reference). ``time_a``/``time_b`` are one
+    forward + backward call each, first-call costs included: use ``benchmarks/`` for timings.
     """
 
     output_rel_err: float

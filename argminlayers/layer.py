@@ -167,7 +167,10 @@ class ArgminLayer(nn.Module):
         W = self.strategy.solve(H, grad_u)
         with torch.enable_grad():
             dV = objective.vjp_v(V, sol.u, mask, W, sol.state)
-        return torch.where(mask.unsqueeze(-1), -dV, torch.zeros((), dtype=dV.dtype, device=dV.device))
+        dV = dV.neg_()  # vjp_v returns a tensor of its own (its contract): no copy
+        if not bool(mask.all()):
+            dV.masked_fill_(~mask.unsqueeze(-1), 0)
+        return dV
 
 
 class _ArgminFunction(torch.autograd.Function):

@@ -121,6 +121,7 @@ class Objective:
         """``∂/∂V [Σ_b W_bᵀ ∇_u f(V_b, U_b)]``, ``(B, T, p)``: one reverse pass through ``∇_u f``.
 
         The input gradient of the layer is minus this, at ``W = H⁻¹ g``. ``f_uv`` is never built.
+        The result must be a new tensor (not a view of an input): the layer negates it in place.
         """
         g = grad(self.f, argnums=1)
 

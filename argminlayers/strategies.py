@@ -202,7 +202,7 @@ class Woodbury(Strategy):
         if lr.rank == 0:
             return _check_finite(Dinv_g, self.name)
         A, Bm = lr.A, lr.right  # (B, n, q)
-        z = torch.bmm(Bm, Dinv_g.unsqueeze(-1))  # (B, n, 1)
+        z = lr.apply_B(Dinv_g).unsqueeze(-1)  # (B, n, 1)
         if lr.capacitance_factor is not None:
             y = torch.cholesky_solve(z, lr.capacitance_factor)
         else:
@@ -218,7 +218,7 @@ class Woodbury(Strategy):
                         f"{(info > 0).nonzero().flatten().tolist()[:8]}"
                     )
                 y = torch.linalg.lu_solve(LU, piv, z)
-        w = Dinv_g - torch.bmm(A.transpose(1, 2), y).squeeze(-1) / lr.d
+        w = Dinv_g - lr.apply_At(y.squeeze(-1)) / lr.d
         return _check_finite(w, self.name)
 
 

@@ -19,7 +19,7 @@ Average pooling as an argmin::
 
 The references:
 
-- :class:`CvxpyRankPool`, :class:`CvxpyAvgPool` (``cvxpy_ref``): cvxpylayers 1.2.0,
+- :class:`CvxpyRankPool`, :class:`CvxpyAvgPool`, :class:`CvxpyPooling` (any program) (``cvxpy_ref``): cvxpylayers 1.2.0,
   a conic solve (SCS or Clarabel through diffcp) with tight tolerances.
 - :class:`TheseusRankPool` (``theseus_ref``): theseus 0.2.3 Gauss–Newton with
   implicit differentiation.
@@ -30,16 +30,16 @@ is built.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 from torch import Tensor
 
 from argminlayers.validation import resolve_mask
 
+from ..rank import check_rank_params  # one validator for every rank pooling
+
 __all__ = [
     "CvxpyAvgPool",
+    "CvxpyPooling",
     "CvxpyRankPool",
     "TheseusRankPool",
     "avg_pool_grad_u",
@@ -48,20 +48,6 @@ __all__ = [
     "rank_pool_grad_u",
     "relative_kkt_residual",
 ]
-
-
-def check_rank_params(C: float, eps: float) -> tuple[float, float]:
-    """Validate the rank-pool hyperparameters: finite ``C > 0`` and finite ``eps ≥ 0``."""
-    for name, value in (("C", C), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if not math.isfinite(float(value)):
-            raise ValueError(f"{name} must be finite, got {value}")
-    if C <= 0:
-        raise ValueError(f"C must be > 0, got {C}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    return float(C), float(eps)
 
 
 def prepare_sequences(V: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,5 +125,5 @@ def _check_solution(U: Tensor, V: Tensor) -> Tensor:
 
 
 # The reference classes import their heavy packages lazily; these imports are light.
-from .cvxpy_ref import CvxpyAvgPool, CvxpyRankPool  # noqa: E402
+from .cvxpy_ref import CvxpyAvgPool, CvxpyPooling, CvxpyRankPool  # noqa: E402
 from .theseus_ref import TheseusRankPool  # noqa: E402

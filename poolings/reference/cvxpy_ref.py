@@ -150,6 +150,41 @@ class _CvxpyPool(nn.Module):
         return U.to(device=V.device, dtype=V.dtype)
 
 
+class CvxpyPooling(_CvxpyPool):
+    """Any pooling written as a cvxpy program, as a differentiable reference.
+
+    Args:
+        program: ``program(T, p) -> (problem, V, u)``: a DPP ``cvxpy.Problem`` for one
+            sequence of ``T`` steps, its ``(T, p)`` parameter ``V`` and its variable ``u``.
+        solve_method, solver_args: as for :class:`CvxpyRankPool` (tight SCS by default).
+
+    Example (pseudo-Huber pooling, ``Σ_t √(1 + ‖u − v_t‖²)``)::
+
+        >>> import cvxpy as cp, torch
+        >>> def program(T, p):
+        ...     V, u = cp.Parameter((T, p)), cp.Variable(p)
+        ...     cost = sum(cp.norm(cp.hstack([1.0, u - V[t]])) for t in range(T))
+        ...     return cp.Problem(cp.Minimize(cost)), V, u
+        >>> CvxpyPooling(program)(torch.ones(1, 3, 2, dtype=torch.float64)).round(decimals=6)
+        tensor([[1., 1.]], dtype=torch.float64)
+    """
+
+    def __init__(self, program, *, solve_method: str = "SCS", solver_args: dict[str, Any] | None = None):
+        if not callable(program):
+            raise TypeError(f"program must be a callable (T, p) -> (problem, V, u), got {type(program).__name__}")
+        super().__init__(solve_method=solve_method, solver_args=solver_args)
+        self.program = program
+
+    def _problem(self, T: int, p: int):
+        out = self.program(T, p)
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise TypeError("program(T, p) must return (problem, V_parameter, u_variable)")
+        return out
+
+    def extra_repr(self) -> str:
+        return f"program={getattr(self.program, '__name__', self.program)!r}, solve_method={self.solve_method!r}"
+
+
 class CvxpyRankPool(_CvxpyPool):
     """Rank pooling through cvxpylayers: ``u* = argmin_u ½‖u‖² + C/2 Σ_t [|t − uᵀv_t| − ε]₊²``.
 
