@@ -1,0 +1,302 @@
+"""Video models, training loop, checkpoint/resume, losses, and the Table 1 protocol (tiny sizes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+poolings = pytest.importorskip("poolings")
+if not hasattr(poolings, "RankPool"):  # pragma: no cover - only while poolings/rank.py is missing
+    pytest.skip("poolings.RankPool is not available", allow_module_level=True)
+
+from poolings.video.models import (  # noqa: E402
+    SmallCNN,
+    VideoClassifier,
+    average_frame_scores,
+    build_backbone,
+    build_pooling,
+)
+from poolings.video.train import (  # noqa: E402
+    TrainConfig,
+    check_finite,
+    mean_average_precision,
+    train,
+    video_loss,
+)
+
+POOLING_NAMES = ["avg", "max", "rank-diag", "rank-full", "approx-rank"]
+
+
+def tiny_model(pooling: str = "rank-full", num_classes: int = 3, seed: int = 0, **kw) -> VideoClassifier:
+    torch.manual_seed(seed)
+    backbone, p = build_backbone("smallcnn", in_channels=1, feature_dim=8, frame_size=16)
+    return VideoClassifier(backbone, build_pooling(pooling), num_classes, p, **kw)
+
+
+def tiny_config(tmp_path, **kw) -> TrainConfig:
+    base = dict(data="moving-digits", num_videos=8, num_test_videos=4, num_classes=4, min_len=4, max_len=6,
+                frame_size=16, feature_dim=8, epochs=2, batch_size=4, lr=0.05, lr_final=0.01,
+                pooling="rank-full", head_norm="layernorm", out=str(tmp_path / "run"), quiet=True, plot=False,
+                device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("pooling", POOLING_NAMES)
+def test_training_steps_reduce_the_loss_on_a_fixed_batch(pooling):
+    model = tiny_model(pooling, head_norm="layernorm")
+    g = torch.Generator().manual_seed(1)
+    frames = torch.rand(4, 6, 1, 16, 16, generator=g)
+    lengths = torch.tensor([6, 4, 5, 3])
+    labels = torch.tensor([0, 1, 2, 1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        loss = video_loss(model(frames, lengths), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.8 * losses[0], losses
+    grads = [p.grad for p in model.backbone.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads), "no gradient reached the backbone"
+
+
+def test_variable_lengths_and_padding_has_no_influence():
+    model = tiny_model("rank-full")
+    lengths = torch.tensor([7, 3, 5])
+    frames = torch.rand(3, 7, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    changed = frames.clone()
+    changed[1, 3:] = float("nan")                     # padded frames: garbage, even NaN
+    changed[2, 5:] = 100.0
+    for mode in ("train", "eval"):                    # batch-norm sees only valid frames in both
+        model.train(mode == "train")
+        torch.manual_seed(0)
+        a = model(frames, lengths)
+        torch.manual_seed(0)
+        b = model(changed, lengths)
+        assert a.shape == (3, 3)
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # each video alone (its own length, no padding) gives the same logits in eval mode
+    model.eval()
+    together = model(frames, lengths)
+    for i, n in enumerate(lengths.tolist()):
+        alone = model(frames[i:i + 1, :n], torch.tensor([n]))
+        torch.testing.assert_close(alone[0], together[i], rtol=1e-4, atol=1e-5)
+
+
+def test_backbone_runs_once_per_batch_on_the_valid_frames_only():
+    class Counting(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls, self.rows = inner, 0, []
+
+        def forward(self, x):
+            self.calls += 1
+            self.rows.append(x.shape[0])
+            return self.inner(x)
+
+    backbone = Counting(SmallCNN(1, 8, frame_size=16))
+    model = VideoClassifier(backbone, build_pooling("rank-diag"), 2, 8)
+    lengths = torch.tensor([5, 2, 4, 1])
+    logits = model(torch.rand(4, 5, 1, 16, 16), lengths)
+    logits.sum().backward()
+    assert backbone.calls == 1
+    assert backbone.rows == [int(lengths.sum())]
+
+
+def test_average_frame_scores_is_the_mean_of_per_frame_probabilities():
+    model = tiny_model("avg").eval()
+    frames = torch.rand(2, 4, 1, 16, 16)
+    lengths = torch.tensor([4, 2])
+    scores = average_frame_scores(model, frames, lengths)
+    expected = model.classifier(model.backbone(frames[1, :2])).softmax(-1).mean(0)
+    torch.testing.assert_close(scores[1], expected)
+    torch.testing.assert_close(scores.sum(1), torch.ones(2))
+
+
+def test_model_input_errors():
+    model = tiny_model("avg")
+    with pytest.raises(ValueError, match="lengths"):
+        model(torch.rand(2, 4, 1, 16, 16), torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match="lengths"):
+        model(torch.rand(2, 4, 1, 16, 16), torch.tensor([3]))
+    with pytest.raises(TypeError, match="lengths"):
+        model(torch.rand(2, 4, 1, 16, 16), torch.tensor([3.0, 1.0]))
+    with pytest.raises(ValueError, match="SmallCNN"):
+        model(torch.rand(2, 4, 1, 8, 8), torch.tensor([3, 1]))
+    with pytest.raises(ValueError, match="head_norm"):
+        VideoClassifier(nn.Identity(), build_pooling("avg"), 2, 4, head_norm="group")
+    with pytest.raises(ValueError, match="pooling"):
+        build_pooling("median")
+
+
+def test_build_backbone_torchvision_and_smallcnn():
+    net, p = build_backbone("resnet18", weights=None, in_channels=1)
+    assert p == 512
+    assert net(torch.rand(2, 1, 32, 32)).shape == (2, 512)
+    net, p = build_backbone("smallcnn", in_channels=3, feature_dim=16, frame_size=32)
+    assert p == 16 and net(torch.rand(5, 3, 32, 32)).shape == (5, 16)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("not_a_model")
+    with pytest.raises(ValueError, match="weights"):
+        build_backbone("smallcnn", weights="DEFAULT")
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_hinge_losses_and_map():
+    logits = torch.tensor([[2.0, -1.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    # sample 0: margins max(0, 1 - 2) + max(0, 1 - 1) = 0; sample 1: 1 + 1 = 2
+    assert float(video_loss(logits, labels, "hinge")) == pytest.approx(1.0)
+    assert float(video_loss(logits, labels, "sqhinge")) == pytest.approx(1.0)
+    multi = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    assert float(video_loss(logits, multi, "hinge")) == pytest.approx((2.0 + 2.0) / 2)
+    with pytest.raises(ValueError, match="ce"):
+        video_loss(logits, multi, "ce")
+    import numpy as np
+
+    targets = np.array([[1, 0], [0, 1], [1, 0], [0, 1]])
+    perfect = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.1, 0.6]])
+    assert mean_average_precision(perfect, targets) == pytest.approx(1.0)
+    assert mean_average_precision(-perfect, targets) < 0.75
+
+
+def test_hinge_training_reports_map(tmp_path):
+    result = train(tiny_config(tmp_path, loss="hinge", epochs=1, pooling="rank-diag"))
+    assert 0.0 <= result.final["map"] <= 1.0
+    assert "accuracy" in result.final                 # single-label data: accuracy as well
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["final"]["map"] == pytest.approx(result.final["map"])
+
+
+def test_non_finite_loss_raises_a_clear_error(tmp_path):
+    with pytest.raises(FloatingPointError, match="epoch 3, batch 7"):
+        check_finite(torch.tensor(float("nan")), epoch=2, batch=7)
+    check_finite(torch.tensor(1.0), epoch=0, batch=0)
+    model = tiny_model("avg", num_classes=4)
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite training loss.*epoch 1, batch 0"):
+        train(tiny_config(tmp_path, epochs=1), model=model)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+    straight = train(tiny_config(tmp_path / "a", plot=True, dropout=0.3))
+    out = tmp_path / "a" / "run"
+    assert (out / "checkpoint.pt").exists() and (out / "curves.png").exists()
+    assert not list(out.glob("*.tmp"))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(epoch, entry):
+        if epoch == 0:
+            raise Killed
+
+    cfg = tiny_config(tmp_path / "b", dropout=0.3)
+    with pytest.raises(Killed):
+        train(cfg, on_epoch_end=kill_after_first_epoch)
+    ckpt = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1
+    resumed = train(dataclasses.replace(cfg, resume=True))
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    drop = {"frames_per_second", "train_step_seconds"}
+    assert [{k: v for k, v in e.items() if k not in drop} for e in straight.history] == \
+           [{k: v for k, v in e.items() if k not in drop} for e in resumed.history]
+    assert len(resumed.history) == 2 and resumed.frames_per_second > 0
+
+    # a checkpoint from another configuration is refused
+    with pytest.raises(ValueError, match="lr"):
+        train(dataclasses.replace(cfg, resume=True, lr=0.5))
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="pooling"):
+        TrainConfig(pooling="median").validate()
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="l2").validate()
+    with pytest.raises(ValueError, match="data_path"):
+        TrainConfig(data="folder").validate()
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0).validate()
+
+
+# --------------------------------------------------------------------------- table 1 and CLI
+
+
+def test_table1_writes_the_nine_methods(tmp_path):
+    from poolings.video.table1 import METHODS, Table1Config, run_table1
+
+    base = tiny_config(tmp_path, epochs=1, num_videos=8, num_test_videos=4)
+    cfg = Table1Config(base=base, out=str(tmp_path / "t1"), pretrain_epochs=1, frame_epochs=1,
+                       frame_batch_size=16, quiet=True)
+    rows = run_table1(cfg)
+    saved = json.loads((tmp_path / "t1" / "results.json").read_text())
+    assert [r["method"] for r in saved] == list(METHODS) == [r["method"] for r in rows]
+    trained = {"frame-ft", "avg-e2e", "max-e2e", "rank-e2e-diag", "rank-e2e-full"}
+    for row in saved:
+        assert 0.0 <= row["accuracy"] <= 1.0
+        if row["method"] in trained:
+            assert row["frames_per_second"] > 0
+        else:
+            assert row["frames_per_second"] is None
+    assert (tmp_path / "t1" / "results.png").stat().st_size > 0
+    assert "rank-e2e-full" in (tmp_path / "t1" / "results.md").read_text()
+
+
+def test_cli_train_runs_one_configuration(tmp_path):
+    from poolings.cli import main
+
+    out = tmp_path / "cli"
+    code = main(["train", "--pooling", "approx-rank", "--epochs", "1", "--num-videos", "4", "--num-test-videos", "4",
+                 "--min-len", "3", "--max-len", "4", "--frame-size", "16", "--feature-dim", "4", "--batch-size", "4",
+                 "--out", str(out), "--quiet", "--no-plot", "--device", "cpu"])
+    assert code == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["config"]["pooling"] == "approx-rank" and len(saved["history"]) == 1
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "folder"])
+
+
+def test_feature_data_trains_and_runs_table1(tmp_path):
+    from poolings.video.data import FeatureDataset
+    from poolings.video.table1 import Table1Config, run_table1
+
+    g = torch.Generator().manual_seed(3)
+    feats, labels = [], []
+    for i in range(12):                               # class = direction of a drift in feature space
+        T = 4 + i % 3
+        drift = torch.linspace(-1, 1, T)[:, None] * (1 if i % 2 else -1)
+        feats.append(drift * torch.ones(1, 5) + 0.1 * torch.randn(T, 5, generator=g))
+        labels.append(i % 2)
+    FeatureDataset(feats, labels, classes=["a", "b"]).save(tmp_path / "feats")
+
+    cfg = tiny_config(tmp_path, data="features", data_path=str(tmp_path / "feats"), epochs=1, val_fraction=0.5)
+    result = train(cfg)
+    assert result.model.feature_dim == 5 and 0.0 <= result.final["accuracy"] <= 1.0
+
+    rows = run_table1(Table1Config(base=cfg, out=str(tmp_path / "t1f"), methods=("rank+svm", "frame-ft+rank",
+                                                                                    "rank-e2e-full"), quiet=True))
+    by = {r["method"]: r for r in rows}
+    assert by["frame-ft+rank"]["accuracy"] is None and "skipped" in by["frame-ft+rank"]
+    assert 0.0 <= by["rank+svm"]["accuracy"] <= 1.0 and by["rank-e2e-full"]["frames_per_second"] > 0
