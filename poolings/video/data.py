@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from argminlayers import lengths_to_mask
+
 __all__ = [
     "MOTIONS",
     "MovingDigits",
@@ -125,8 +127,7 @@ def pack_padded(frames: Tensor, lengths: Tensor) -> Tensor:
         raise ValueError(
             f"pack_padded: lengths must have shape ({frames.shape[0]},), got {tuple(lengths.shape)}"
         )
-    steps = torch.arange(frames.shape[1], device=frames.device)
-    mask = steps[None, :] < lengths.to(frames.device)[:, None]  # (B, Tmax)
+    mask = lengths_to_mask(lengths.to(frames.device), frames.shape[1])  # (B, Tmax)
     return frames[mask]  # (N, *S)
 
 

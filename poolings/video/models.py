@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from argminlayers import lengths_to_mask
+
 __all__ = [
     "SmallCNN",
     "TorchvisionBackbone",
@@ -26,7 +28,6 @@ __all__ = [
     "average_frame_scores",
     "build_backbone",
     "build_pooling",
-    "valid_mask",
     "POOLINGS",
 ]
 
@@ -67,11 +68,6 @@ def build_pooling(name: str, **options) -> nn.Module:
     kwargs = {k: v for k, v in options.items() if v is not None} if base == "rank" else {}
     kwargs.update(fixed)
     return get_pooling(base, **kwargs)
-
-
-def valid_mask(lengths: Tensor, T: int) -> Tensor:
-    """``mask[b, t] = t < lengths[b]`` as a ``(B, T)`` bool tensor."""
-    return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
 
 
 # --------------------------------------------------------------------------- backbones
@@ -276,7 +272,7 @@ class VideoClassifier(nn.Module):
         """Per-frame features ``V: (B, T, p)``, zero on padded frames, and the checked lengths ``(B,)``."""
         lengths = _check_frames(frames, lengths)
         B, T = frames.shape[:2]
-        mask = valid_mask(lengths, T)                     # (B, T)
+        mask = lengths_to_mask(lengths, T)                     # (B, T)
         flat = frames[mask]                               # (N, *frame_shape), N = sum(lengths)
         feats = self.backbone(flat)                       # (N, p)
         if feats.dim() != 2 or feats.shape[1] != self.feature_dim:
@@ -312,5 +308,5 @@ def average_frame_scores(model: VideoClassifier, frames: Tensor, lengths: Tensor
     scores = model.classifier(V)                          # (B, T, K)
     if probabilities:
         scores = scores.softmax(-1)
-    mask = valid_mask(lengths, V.shape[1]).to(scores.dtype)        # (B, T)
+    mask = lengths_to_mask(lengths, V.shape[1]).to(scores.dtype)        # (B, T)
     return (scores * mask[..., None]).sum(1) / lengths[:, None].to(scores.dtype)
