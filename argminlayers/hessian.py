@@ -137,8 +137,14 @@ class LowRankHessian(HessianOperator):
         d: ``(B, q)`` diagonal.
         A: ``(B, n, q)``, rows ``a_i``. Rows of zeros are allowed (inactive terms).
         Bm: ``(B, n, q)``, rows ``b_i``; ``None`` means ``Bm = A`` (symmetric, ``H = D + AᵀA``).
+        row_scale: optional ``(B, n)`` factors ``s_i``: the terms are then
+            ``(s_i a_i)(s_i b_i)ᵀ``. Lets an objective pass its data ``V`` as ``A``
+            unchanged (e.g. rank pooling's ``a_t = √C 1_A(t) v_t``) instead of a scaled copy.
         capacitance_factor: optional lower Cholesky factor ``(B, n, n)`` of the capacitance
-            matrix ``I + B D⁻¹ Aᵀ``, when the forward pass has already factorised it.
+            matrix ``I + B D⁻¹ Aᵀ`` (scaled rows), when the forward pass has already factorised it.
+
+    Every product reads ``A`` (and ``B``) once and never materialises a scaled copy,
+    except :meth:`rows`, which the Sherman–Morrison strategy needs.
     """
 
     def __init__(
@@ -147,6 +153,7 @@ class LowRankHessian(HessianOperator):
         A: Tensor,
         Bm: Tensor | None = None,
         *,
+        row_scale: Tensor | None = None,
         capacitance_factor: Tensor | None = None,
     ):
         B, q = d.shape
@@ -155,7 +162,9 @@ class LowRankHessian(HessianOperator):
             raise ValueError(f"A must have shape (B, n, q) = ({B}, n, {q}), got {tuple(A.shape)}")
         if Bm is not None and Bm.shape != A.shape:
             raise ValueError(f"Bm must have the shape of A {tuple(A.shape)}, got {tuple(Bm.shape)}")
-        self.d, self.A, self.Bm = d, A, Bm
+        if row_scale is not None and row_scale.shape != A.shape[:2]:
+            raise ValueError(f"row_scale must have shape (B, n) = {tuple(A.shape[:2])}, got {tuple(row_scale.shape)}")
+        self.d, self.A, self.Bm, self.row_scale = d, A, Bm, row_scale
         self.capacitance_factor = capacitance_factor
 
     @property
@@ -170,29 +179,53 @@ class LowRankHessian(HessianOperator):
     def right(self) -> Tensor:
         return self.A if self.Bm is None else self.Bm
 
+    def _scale(self, y: Tensor) -> Tensor:
+        return y if self.row_scale is None else y * self.row_scale
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        """The rows ``(a_i, b_i)`` with the row scale applied, ``(B, n, q)`` each (a copy when scaled)."""
+        if self.row_scale is None:
+            return self.A, self.right
+        s = self.row_scale.unsqueeze(-1)
+        A = self.A * s
+        return A, (A if self.Bm is None else self.Bm * s)
+
     def matvec(self, x: Tensor) -> Tensor:
         return self.d * x + self.apply_At(self.apply_B(x))
 
     def apply_B(self, x: Tensor) -> Tensor:
-        """``B x``: ``(B, q) → (B, n)``, one pass over ``B``."""
+        """``B x`` (rows ``s_i b_i``): ``(B, q) → (B, n)``, one pass over ``B``."""
         # (B, 1, q) @ (B, q, n): a row-vector product reads B row-major once; the
         # equivalent (B, n, q) @ (B, q, 1) was 4× slower on MKL at n = 100, q = 4096.
-        return torch.bmm(x.unsqueeze(1), self.right.transpose(1, 2)).squeeze(1)
+        return self._scale(torch.bmm(x.unsqueeze(1), self.right.transpose(1, 2)).squeeze(1))
 
     def apply_At(self, y: Tensor) -> Tensor:
-        """``Aᵀ y``: ``(B, n) → (B, q)``, one pass over ``A``."""
-        return torch.bmm(y.unsqueeze(1), self.A).squeeze(1)
+        """``Aᵀ y`` (rows ``s_i a_i``): ``(B, n) → (B, q)``, one pass over ``A``."""
+        return torch.bmm(self._scale(y).unsqueeze(1), self.A).squeeze(1)
 
     def matmat(self, X: Tensor) -> Tensor:
-        return self.d.unsqueeze(-1) * X + torch.bmm(self.A.transpose(1, 2), torch.bmm(self.right, X))
+        BX = torch.bmm(self.right, X)  # (B, n, k)
+        if self.row_scale is not None:
+            BX = BX * (self.row_scale**2).unsqueeze(-1)
+        return self.d.unsqueeze(-1) * X + torch.bmm(self.A.transpose(1, 2), BX)
 
     def dense(self) -> Tensor:
-        return torch.diag_embed(self.d) + torch.bmm(self.A.transpose(1, 2), self.right)
+        A, Bm = self.rows()
+        return torch.diag_embed(self.d) + torch.bmm(A.transpose(1, 2), Bm)
 
     def diagonal(self) -> Tensor:
-        if self.Bm is None:
-            return self.d + torch.linalg.vector_norm(self.A, dim=1) ** 2
-        return self.d + (self.A * self.Bm).sum(dim=1)
+        # Σ_i s_i² a_i ⊙ b_i as a vector product: on MKL this summed (16, 100, 4096) in
+        # 3.4 ms, where .sum(dim=1) took 5.6 ms and vector_norm(dim=1) 25 ms.
+        AB = self.A * self.right  # (B, n, q)
+        w = AB.new_ones(self.batch, self.rank) if self.row_scale is None else self.row_scale**2
+        return self.d + torch.bmm(w.unsqueeze(1), AB).squeeze(1)
+
+    def capacitance(self) -> Tensor:
+        """``I + B D⁻¹ Aᵀ``, ``(B, n, n)`` (scaled rows)."""
+        cap = torch.bmm(self.right / self.d.unsqueeze(1), self.A.transpose(1, 2))
+        if self.row_scale is not None:
+            cap = cap * (self.row_scale.unsqueeze(-1) * self.row_scale.unsqueeze(-2))
+        return torch.eye(self.rank, dtype=cap.dtype, device=cap.device) + cap
 
     def low_rank(self) -> "LowRankHessian":
         return self
@@ -201,7 +234,7 @@ class LowRankHessian(HessianOperator):
         if damping == 0:
             return self
         # D changes, so a cached capacitance factor no longer applies.
-        return LowRankHessian(self.d + damping, self.A, self.Bm)
+        return LowRankHessian(self.d + damping, self.A, self.Bm, row_scale=self.row_scale)
 
 
 class _ShiftedHessian(HessianOperator):

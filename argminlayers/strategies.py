@@ -170,7 +170,7 @@ class ShermanMorrison(Strategy):
         if not bool((lr.d != 0).all()):
             raise SingularHessianError("backward='sherman_morrison' needs a non-zero diagonal D")
         Minv = torch.diag_embed(1.0 / lr.d)  # (B, q, q)
-        A, Bm = lr.A, lr.right
+        A, Bm = lr.rows()
         for i in range(lr.rank):
             a, b = A[:, i], Bm[:, i]  # (B, q)
             Ma = torch.bmm(Minv, a.unsqueeze(-1)).squeeze(-1)  # (B, q)
@@ -201,13 +201,11 @@ class Woodbury(Strategy):
         Dinv_g = g / lr.d  # (B, q)
         if lr.rank == 0:
             return _check_finite(Dinv_g, self.name)
-        A, Bm = lr.A, lr.right  # (B, n, q)
         z = lr.apply_B(Dinv_g).unsqueeze(-1)  # (B, n, 1)
         if lr.capacitance_factor is not None:
             y = torch.cholesky_solve(z, lr.capacitance_factor)
         else:
-            n = lr.rank
-            cap = torch.eye(n, dtype=g.dtype, device=g.device) + torch.bmm(Bm / lr.d.unsqueeze(1), A.transpose(1, 2))
+            cap = lr.capacitance()  # (B, n, n)
             if lr.symmetric and bool((lr.d > 0).all()):
                 y = torch.cholesky_solve(z, cholesky_or_raise(cap, "capacitance matrix I + A D⁻¹ Aᵀ"))
             else:

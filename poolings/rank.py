@@ -476,7 +476,8 @@ class RankPoolObjective(Objective):
         return 1 + torch.bmm(w, V.square()).squeeze(1)
 
     def hessian(self, V: Tensor, U: Tensor, mask: Tensor, state: Any = None) -> LowRankHessian:
-        """``H = I + Aᵀ A`` with ``A = √C D V`` (rows ``√C v_t`` on ``A``, zero elsewhere).
+        """``H = I + Aᵀ A`` with ``A = √C D V`` (rows ``√C v_t`` on ``A``, zero elsewhere),
+        passed as ``V`` with a row scale, so no scaled copy of ``V`` is made.
 
         With the forward state, ``capacitance_factor`` is the forward Cholesky factor of
         ``I + A Aᵀ = I + C D K D``, so the Woodbury strategy solves with it directly.
@@ -488,8 +489,8 @@ class RankPoolObjective(Objective):
         else:
             active, _ = signed_active_set(self._residuals(V, U, mask), mask, self.eps)
             factor = None
-        A = V * (math.sqrt(self.C) * active.to(V.dtype)).unsqueeze(-1)  # (B, T, p)
-        return LowRankHessian(torch.ones_like(U), A, capacitance_factor=factor)
+        scale = math.sqrt(self.C) * active.to(V.dtype)  # (B, T): rows √C v_t on A, no copy of V
+        return LowRankHessian(torch.ones_like(U), V, row_scale=scale, capacitance_factor=factor)
 
     def vjp_v(self, V: Tensor, U: Tensor, mask: Tensor, W: Tensor, state: Any = None) -> Tensor:
         """``∂/∂v_t [wᵀ∇_u f] = −C (e_t w − (wᵀv_t) u)`` on ``A``, 0 elsewhere; ``(B, T, p)``.

@@ -250,3 +250,26 @@ def test_cuda_matches_cpu():
         uh.sum().backward()
         torch.testing.assert_close(u.cpu(), uh)
         torch.testing.assert_close(Vc.grad.cpu(), Vh.grad)
+
+
+def test_low_rank_row_scale_equals_scaled_rows():
+    """A LowRankHessian with a row scale behaves exactly as one built from the scaled rows."""
+    from argminlayers import LowRankHessian
+    from argminlayers.strategies import ShermanMorrison, Woodbury
+
+    g = torch.Generator().manual_seed(4)
+    d = 1 + torch.rand(3, 5, generator=g, dtype=DT)
+    A = torch.randn(3, 4, 5, generator=g, dtype=DT)
+    Bm = torch.randn(3, 4, 5, generator=g, dtype=DT) * 0.1
+    s = torch.rand(3, 4, generator=g, dtype=DT)
+    x = torch.randn(3, 5, generator=g, dtype=DT)
+    for right in (None, Bm):
+        scaled = LowRankHessian(d, A, right, row_scale=s)
+        plain = LowRankHessian(d, A * s[..., None], None if right is None else right * s[..., None])
+        torch.testing.assert_close(scaled.dense(), plain.dense())
+        torch.testing.assert_close(scaled.diagonal(), plain.diagonal())
+        torch.testing.assert_close(scaled.matvec(x), plain.matvec(x))
+        torch.testing.assert_close(scaled.matmat(x[..., None]), plain.matmat(x[..., None]))
+        torch.testing.assert_close(scaled.capacitance(), plain.capacitance())
+        for strategy in (Woodbury(), ShermanMorrison()):
+            torch.testing.assert_close(strategy.solve(scaled, x), torch.linalg.solve(plain.dense(), x))

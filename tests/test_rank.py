@@ -314,7 +314,9 @@ def test_closed_forms_match_torch_func():
     H = obj.hessian(V, sol.u, mask, sol.state)
     assert torch.allclose(H.dense(), Objective.hessian(obj, V, sol.u, mask).dense(), atol=1e-12)
     # the forward factor is the Cholesky factor of exactly the Woodbury capacitance matrix
-    cap = torch.eye(9, dtype=F64) + H.A @ H.A.transpose(1, 2)
+    cap = H.capacitance()  # I + A Aᵀ with the scaled rows
+    A, _ = H.rows()
+    torch.testing.assert_close(cap, torch.eye(9, dtype=F64) + A @ A.transpose(1, 2))
     L = sol.state.factor
     assert torch.allclose(L @ L.transpose(1, 2), cap, atol=1e-10)
 
