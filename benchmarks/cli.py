@@ -1,0 +1,54 @@
+"""``argminlayers bench``: run the benchmarks and regenerate ``docs/benchmarks.md``.
+
+::
+
+    argminlayers bench strategies|references|limit|throughput|all [--quick] [--device cpu|cuda]
+                       [--dtype float32|float64] [--out docs/benchmarks] [--repeats N]
+
+Each benchmark writes ``OUT/NAME.json``, ``OUT/NAME.md`` and ``OUT/NAME_*.png``; the index
+``OUT.md`` (``docs/benchmarks.md``) is rewritten from the sections present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from .common import add_common_args, config_from_args
+from .report import BENCHMARKS, write_index
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    """Add the ``bench`` subcommand."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="run the benchmarks (timings, memory, gradient errors) and write docs/benchmarks",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("benchmark", choices=(*BENCHMARKS, "all"), help="which benchmark to run")
+    add_common_args(parser)
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
+    for name in names:
+        module = importlib.import_module(f"benchmarks.{name}")
+        module.run(cfg)
+        print(f"{name}: wrote {cfg.out}/{name}.json, {name}.md and charts", flush=True)
+    print(f"wrote {write_index(cfg.out)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.cli NAME ...`` (the same as ``argminlayers bench NAME ...``)."""
+    parser = argparse.ArgumentParser(prog="argminlayers")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["bench", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
