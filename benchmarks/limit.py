@@ -28,7 +28,6 @@ from .common import (
     environment,
     finish_environment,
     fmt_ratio,
-    fmt_time,
     fmt_timing,
     make_sequences,
     markdown_table,

@@ -131,14 +131,6 @@ def make_layer(objective: str, strategy: str) -> ArgminLayer:
     raise ValueError(f"objective must be 'rank' or 'logcosh', got {objective!r}")
 
 
-def rank_available() -> tuple[bool, str]:
-    try:
-        from poolings import RankPool  # noqa: F401
-    except ImportError as exc:
-        return False, f"poolings.RankPool cannot be imported ({exc})"
-    return True, ""
-
-
 # ----------------------------------------------------------------------------- cost model
 def backward_cost(strategy: str, objective: str, B: int, T: int, p: int, itemsize: int) -> tuple[float, float]:
     """``(work, bytes)``: the cost model of a strategy's backward (arbitrary units of work) and
@@ -198,14 +190,10 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
     sweeps = QUICK if cfg.quick else FULL
     caps = cfg.caps(CAPS["quick" if cfg.quick else "full"])
     repeats = cfg.n_repeats(3)
-    ok_rank, why_rank = rank_available()
 
     results: list[dict[str, Any]] = []
     notes: list[str] = []
     todo = [(sw.objective, *size) for sw in sweeps for size in sw.sizes()]
-    if not ok_rank:
-        notes.append(f"RankPool rows are missing: {why_rank}.")
-        todo = [t for t in todo if t[0] != "rank"]
     proj = Projections()
     done: dict[tuple[str, int, int, int], dict[str, Any]] = {}
     for objective, sweep, B, T, p in progress(todo, desc=NAME, enabled=cfg.progress):
