@@ -22,7 +22,7 @@ from .strategies import (
     get_strategy,
     register_strategy,
 )
-from .validation import lengths_to_mask, resolve_mask, zero_padding
+from .validation import lengths_to_mask, resolve_mask, step_positions, zero_padding
 
 __version__ = "0.1.0"
 
@@ -59,5 +59,6 @@ __all__ = [
     "resolve_mask",
     "lengths_to_mask",
     "zero_padding",
+    "step_positions",
     "check",
 ]

@@ -10,6 +10,7 @@ the vector–Jacobian product with the upstream gradient ``g = dL/du*``::
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
@@ -93,8 +94,8 @@ class ArgminLayer(nn.Module):
         if on_nc not in ("warn", "raise"):
             raise ValueError(f"on_nonconvergence must be 'warn' or 'raise', got {on_nc!r}")
         damping = float(options.get("damping", 0.0))
-        if not damping >= 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        if not (damping >= 0 and math.isfinite(damping)):
+            raise ValueError(f"damping must be finite and ≥ 0, got {damping}")
         self.on_nonconvergence, self.damping = on_nc, damping
         solver_opts = {k: options[k] for k in ("tol", "max_iter") if options.get(k) is not None}
         if solver is None and self.objective.solve is not None:
@@ -165,8 +166,10 @@ class ArgminLayer(nn.Module):
         objective = self.objective
         H = objective.hessian(V, sol.u, mask, sol.state).shifted(self.damping)
         W = self.strategy.solve(H, grad_u)
-        with torch.enable_grad():
-            dV = objective.vjp_v(V, sol.u, mask, W, sol.state)
+        # On detached tensors: dV is a plain tensor, so a second differentiation fails loudly
+        # (the Function is once_differentiable) instead of following a partial graph.
+        with torch.no_grad():
+            dV = objective.vjp_v(V.detach(), sol.u.detach(), mask, W.detach(), sol.state)
         dV = dV.neg_()  # vjp_v returns a tensor of its own (its contract): no copy
         if not bool(mask.all()):
             dV.masked_fill_(~mask.unsqueeze(-1), 0)

@@ -23,7 +23,7 @@ def batched_cg(
     matvec: Callable[[Tensor], Tensor],
     b: Tensor,
     *,
-    tol: float,
+    tol: "float | Tensor",
     max_iter: int,
     precond: Tensor | None = None,
 ) -> CGResult:
@@ -43,7 +43,7 @@ def batched_cg(
     z = r * precond if precond is not None else r
     p = z.clone()
     rz = (r * z).sum(-1)
-    thresh = tol * b.norm(dim=-1)
+    thresh = tol * b.norm(dim=-1)  # tol: a float, or (B,) per-sample tolerances
     active = r.norm(dim=-1) > thresh
     negative = torch.zeros_like(active)
     iters = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .hessian import LowRankHessian
 from .objective import Objective, Solution
+from .validation import step_positions
 
 
 def _masked_mean(V: Tensor, mask: Tensor) -> Tensor:
@@ -75,8 +76,8 @@ class PseudoHuber(Objective):
     low_rank_hessian = True
 
     def __init__(self, delta: float = 1.0):
-        if not delta > 0:
-            raise ValueError(f"delta must be > 0, got {delta}")
+        if not (delta > 0 and math.isfinite(delta)):
+            raise ValueError(f"delta must be finite and > 0, got {delta}")
         self.delta = float(delta)
 
     def f(self, v: Tensor, u: Tensor, mask: Tensor) -> Tensor:
@@ -114,15 +115,11 @@ class LogCoshRegression(Objective):
     low_rank_hessian = True
 
     def __init__(self, C: float = 1.0):
-        if not C > 0:
-            raise ValueError(f"C must be > 0, got {C}")
+        if not (C > 0 and math.isfinite(C)):
+            raise ValueError(f"C must be finite and > 0, got {C}")
         self.C = float(C)
 
-    @staticmethod
-    def targets(mask: Tensor, dtype: torch.dtype) -> Tensor:
-        """``y_t = t`` at valid steps (1, 2, …), 0 at padded steps."""
-        m = mask.to(dtype)
-        return torch.cumsum(m, dim=-1) * m
+    targets = staticmethod(step_positions)  # y_t = t over valid steps, 0 at padded steps
 
     def f(self, v: Tensor, u: Tensor, mask: Tensor) -> Tensor:
         r = self.targets(mask, v.dtype) - v @ u

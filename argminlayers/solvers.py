@@ -206,13 +206,15 @@ class NewtonCG(Solver):
         self.cg_max_iter = cg_max_iter
 
     def minimize(self, objective: Objective, V: Tensor, mask: Tensor, U0: Tensor) -> Solution:
-        scale = objective.grad(V, U0, mask).norm(dim=-1).clamp_min(1.0)
         cg_iters = self.cg_max_iter or max(2 * U0.shape[-1], 50)
+        scale: list[Tensor] = []  # ‖∇f(u₀)‖, from the first call
 
         def direction(U, g, gnorm, active):
+            if not scale:
+                scale.append(gnorm.clamp_min(1.0))
             H = objective.hessian(V, U, mask)
-            forcing = float((gnorm / scale).sqrt().clamp(max=0.5).max())
-            res = batched_cg(H.matvec, -g, tol=max(forcing, 1e-14), max_iter=cg_iters)
+            forcing = (gnorm / scale[0]).sqrt().clamp(min=1e-14, max=0.5)  # (B,), per sample
+            res = batched_cg(H.matvec, -g, tol=forcing, max_iter=cg_iters)
             fallback = res.x.abs().amax(-1) == 0
             d = torch.where(fallback.unsqueeze(-1), -g, res.x)
             descent = (d * g).sum(-1) < 0

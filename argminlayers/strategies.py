@@ -244,8 +244,8 @@ class CG(Strategy):
     ):
         if tol is not None and not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}")
-        if max_iter is not None and max_iter < 1:
-            raise ValueError(f"max_iter must be ≥ 1, got {max_iter}")
+        if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
+            raise ValueError(f"max_iter must be an integer ≥ 1, got {max_iter!r}")
         if preconditioner not in (None, "jacobi"):
             raise ValueError(f"preconditioner must be None or 'jacobi', got {preconditioner!r}")
         if on_nonconvergence not in ("warn", "raise"):

@@ -43,6 +43,14 @@ def lengths_to_mask(lengths: Tensor, T: int, *, name: str = "lengths") -> Tensor
     return steps.unsqueeze(0) < lengths.unsqueeze(1)
 
 
+def step_positions(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t = 1, 2, …`` counted over the valid steps of each sequence (last dimension), 0 at
+    padded steps: the regression targets of rank-pooling-style objectives. Works on a
+    ``(B, T)`` batch and, under ``vmap``, on one ``(T,)`` mask."""
+    m = mask.to(dtype)
+    return torch.cumsum(m, dim=-1) * m
+
+
 def resolve_mask(
     V: Tensor,
     mask: Tensor | None = None,
@@ -61,11 +69,13 @@ def resolve_mask(
     B, T, _ = V.shape
     if mask is not None and lengths is not None:
         raise ValueError("pass either mask or lengths, not both")
+    if mask is not None and not isinstance(mask, Tensor) and isinstance(mask, (list, tuple)):
+        mask = torch.as_tensor(mask, device=V.device)  # a list of lengths or of mask rows
     if mask is not None and isinstance(mask, Tensor) and mask.dim() == 1 and mask.dtype != torch.bool:
         lengths, mask = mask, None
     if lengths is not None:
         if not isinstance(lengths, Tensor):
-            lengths = torch.as_tensor(lengths)
+            lengths = torch.as_tensor(lengths, device=V.device)
         if lengths.device != V.device:
             raise ValueError(f"lengths is on {lengths.device} but {name} is on {V.device}; move them to one device")
         if lengths.shape != (B,):

@@ -8,10 +8,7 @@ from .avg import AvgPool
 from .base import Pooling
 from .max import MaxPool, max_pool
 
-try:  # RankPool lives in its own module
-    from .rank import RankPool, RankPoolObjective
-except ImportError:  # pragma: no cover - only while rank.py is absent
-    pass
+from .rank import RankPool, RankPoolObjective
 
 POOLINGS = {
     "avg": "AvgPool",

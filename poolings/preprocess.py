@@ -17,12 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["time_varying_mean", "signed_sqrt", "l2_normalize", "reverse_sequences", "zero_padded"]
+from argminlayers import zero_padding
+
+__all__ = ["time_varying_mean", "signed_sqrt", "l2_normalize", "reverse_sequences"]
 
 
-def zero_padded(V: Tensor, mask: Tensor) -> Tensor:
-    """``V`` with padded steps replaced by exact zeros (``torch.where``: no NaN leaks, zero gradient)."""
-    return torch.where(mask.unsqueeze(-1), V, torch.zeros((), dtype=V.dtype, device=V.device))
 
 
 def time_varying_mean(V: Tensor, mask: Tensor) -> Tensor:
@@ -31,9 +30,9 @@ def time_varying_mean(V: Tensor, mask: Tensor) -> Tensor:
     ``n_t`` counts the valid steps up to ``t``, so ``m_t = (1/t) Σ_{τ ≤ t} v_τ`` for
     sequences padded at the end. ``(B, T, p) → (B, T, p)``; padded steps are zero.
     """
-    Vz = zero_padded(V, mask)  # (B, T, p)
+    Vz = zero_padding(V, mask)  # (B, T, p)
     counts = torch.cumsum(mask.to(V.dtype), dim=1).clamp_min(1).unsqueeze(-1)  # (B, T, 1)
-    return zero_padded(torch.cumsum(Vz, dim=1) / counts, mask)
+    return zero_padding(torch.cumsum(Vz, dim=1) / counts, mask)
 
 
 def signed_sqrt(V: Tensor) -> Tensor:
@@ -58,7 +57,7 @@ def l2_normalize(V: Tensor, mask: Tensor, eps: float = 1e-12) -> Tensor:
     A zero frame stays zero with a finite gradient (the norm is clamped at ``eps``, as in
     :func:`torch.nn.functional.normalize`). ``(B, T, p) → (B, T, p)``; padded steps are zero.
     """
-    Vz = zero_padded(V, mask)
+    Vz = zero_padding(V, mask)
     return torch.nn.functional.normalize(Vz, p=2.0, dim=-1, eps=eps)
 
 
@@ -78,4 +77,4 @@ def reverse_sequences(V: Tensor, mask: Tensor) -> Tensor:
     partner = torch.gather(order, 1, (n - 1 - rank).clamp(0, T - 1))  # position of the mirror step
     index = torch.where(mask, partner, steps)  # (B, T)
     out = torch.gather(V, 1, index.unsqueeze(-1).expand(B, T, p))
-    return zero_padded(out, mask)
+    return zero_padding(out, mask)

@@ -53,10 +53,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from argminlayers import ArgminLayer, LowRankHessian, Objective, Solution
+from argminlayers import ArgminLayer, LowRankHessian, Objective, Solution, step_positions
 
 from .base import Pooling
-from .preprocess import l2_normalize, reverse_sequences, signed_sqrt, time_varying_mean, zero_padded
+from .preprocess import l2_normalize, reverse_sequences, signed_sqrt, time_varying_mean
 
 __all__ = [
     "RankPool",
@@ -84,10 +84,7 @@ def check_rank_params(C: Any, eps: Any) -> tuple[float, float]:
     return float(C), float(eps)
 
 
-def rank_targets(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """``y: (B, T)``, ``y_t = t`` counted over valid steps (1-based), zero at padded steps."""
-    m = mask.to(dtype)
-    return torch.cumsum(m, dim=-1) * m
+rank_targets = step_positions  # y: (B, T), y_t = t counted over valid steps, zero at padded steps
 
 
 def signed_active_set(r: Tensor, mask: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -139,13 +136,11 @@ class RankPoolState:
             capacitance matrix of ``H = I + C V_Aᵀ V_A``.
         active: ``(B, T)`` bool, the active set ``A`` the factor belongs to.
         e: ``(B, T)`` ``e_t = r_t − s_t ε`` on ``A``, 0 elsewhere (dtype of ``V``).
-        beta: ``(B, T)`` coefficients, ``u = Vᵀβ`` (float64).
     """
 
     factor: Tensor
     active: Tensor
     e: Tensor
-    beta: Tensor
 
 
 # ------------------------------------------------------------------------------ the solve
@@ -321,7 +316,7 @@ def rank_pool_solve(
     done = done | (stopped & (gnorm <= tol * scale.clamp_min(tiny)))
     e_out = _excess(r_out, sgn_out, eps)
     U = torch.bmm(beta_out.to(V.dtype).unsqueeze(1), V).squeeze(1)  # (B, p): the second pass over V
-    state = RankPoolState(factor=L_out.to(V.dtype), active=act_out, e=e_out.to(V.dtype), beta=beta_out)
+    state = RankPoolState(factor=L_out.to(V.dtype), active=act_out, e=e_out.to(V.dtype))
     return Solution(U, converged=done, iterations=iters, grad_norm=gnorm.to(V.dtype), state=state)
 
 
@@ -418,8 +413,7 @@ class RankPoolObjective(Objective):
         self.C, self.eps = check_rank_params(C, eps)
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}")
-        if not check_tol >= tol:
-            raise ValueError(f"check_tol must be >= tol = {tol}, got {check_tol}")
+        check_tol = max(float(check_tol), float(tol))  # the looser test can never be the tighter one
         if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
         self.tol, self.check_tol, self.max_iter = float(tol), float(check_tol), max_iter
@@ -430,9 +424,8 @@ class RankPoolObjective(Objective):
     # per sample, for torch.func
     def f(self, v: Tensor, u: Tensor, mask: Tensor) -> Tensor:
         """``v: (T, p)``, ``u: (p,)``, ``mask: (T,)`` → scalar."""
-        m = mask.to(v.dtype)
-        r = torch.cumsum(m, dim=0) * m - v @ u  # (T,)
-        return 0.5 * (u @ u) + 0.5 * self.C * ((r.abs() - self.eps).clamp_min(0).square() * m).sum()
+        r = rank_targets(mask, v.dtype) - v @ u  # (T,)
+        return 0.5 * (u @ u) + 0.5 * self.C * ((r.abs() - self.eps).clamp_min(0).square() * mask).sum()
 
     # batched fast paths
     def solve(self, V: Tensor, mask: Tensor) -> Solution:
@@ -470,10 +463,8 @@ class RankPoolObjective(Objective):
         return X + self.C * torch.bmm(Vx.unsqueeze(1), V).squeeze(1)
 
     def hessian_diag(self, V: Tensor, U: Tensor, mask: Tensor, state: Any = None) -> Tensor:
-        """``diag(H) = 1 + C Σ_{t∈A} v_t²``, ``(B, p)``."""
-        active, _ = self._active_and_excess(V, U, mask, state)
-        w = (self.C * active.to(V.dtype)).unsqueeze(1)  # (B, 1, T)
-        return 1 + torch.bmm(w, V.square()).squeeze(1)
+        """``diag(H) = 1 + C Σ_{t∈A} v_t²``, ``(B, p)`` (what the ``diagonal`` strategy uses)."""
+        return self.hessian(V, U, mask, state).diagonal()
 
     def hessian(self, V: Tensor, U: Tensor, mask: Tensor, state: Any = None) -> LowRankHessian:
         """``H = I + Aᵀ A`` with ``A = √C D V`` (rows ``√C v_t`` on ``A``, zero elsewhere),
@@ -593,11 +584,11 @@ class RankPool(Pooling):
         return super().forward(V, lengths)
 
     def pool(self, V: Tensor, mask: Tensor) -> Tensor:
-        V = zero_padded(V, mask)  # padded steps: exact zeros, zero gradient, even if they held NaN
+        # V is validated and its padded steps are zero (Pooling.forward); preprocessing keeps them zero
         if self.bidirectional:
             V = torch.cat((V, reverse_sequences(V, mask)), dim=0)  # (2B, T, p)
             mask = torch.cat((mask, mask), dim=0)
-        U = self.layer(self.preprocess(V, mask), mask)
+        U = self.layer.forward_masked(self.preprocess(V, mask), mask)
         if self.bidirectional:
             U = torch.cat(U.chunk(2, dim=0), dim=1)  # (B, 2p)
         return U

@@ -3,7 +3,8 @@
 # Idempotent: re-running it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+# torch 2.14.1 and torchvision 0.29.1 are on this machine's disk for Python 3.11.
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 VENV=${VENV:-.venv}
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -20,7 +21,7 @@ $PIP install -q -e ".[all]"
 # theseus-ai 0.2.3: no wheel for Python 3.11, and its source build fails under
 # build isolation; installed without its (over-pinned) dependencies.
 $PIP install -q --no-deps --no-build-isolation \
-    "theseus-ai==0.2.3" torchlie torchkin semantic-version urdf_parser_py
+    "theseus-ai==0.2.3" "torchlie==0.1.0" "torchkin==0.1.1" "semantic-version==2.10.0" "urdf_parser_py==0.0.4"
 "$VENV/bin/python" - <<'PY'
 import warnings
 warnings.filterwarnings("ignore")

@@ -135,7 +135,8 @@ def test_unknown_option():
 
 
 @pytest.mark.parametrize("option, value, pattern", [
-    ("damping", -1.0, "damping must be ≥ 0"),
+    ("damping", -1.0, "damping must be finite and ≥ 0"),
+    ("damping", float("inf"), "damping must be finite and ≥ 0"),
     ("on_nonconvergence", "ignore", "on_nonconvergence must be 'warn' or 'raise'"),
     ("tol", 0.0, "tol must be > 0"),
     ("max_iter", 0, "max_iter must be an integer ≥ 1"),
@@ -173,10 +174,10 @@ def test_maskless_function_refuses_padding():
         layer(V(), torch.tensor([3, 2]))
 
 
-@pytest.mark.parametrize("name, value", [("delta", 0.0), ("C", -1.0)])
+@pytest.mark.parametrize("name, value", [("delta", 0.0), ("C", -1.0), ("delta", float("inf")), ("C", float("nan"))])
 def test_objective_parameters(name, value):
     cls = PseudoHuber if name == "delta" else LogCoshRegression
-    with pytest.raises(ValueError, match=f"{name} must be > 0"):
+    with pytest.raises(ValueError, match=f"{name} must be finite and > 0"):
         cls(**{name: value})
 
 
@@ -268,7 +269,8 @@ def test_cg_nonconvergence_is_reported():
 
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"tol": -1}, "tol must be > 0"),
-    ({"max_iter": 0}, "max_iter must be ≥ 1"),
+    ({"max_iter": 0}, "max_iter must be an integer ≥ 1"),
+    ({"max_iter": 2.5}, "max_iter must be an integer ≥ 1"),
     ({"preconditioner": "ilu"}, "preconditioner must be None or 'jacobi'"),
     ({"on_nonconvergence": "skip"}, "on_nonconvergence must be 'warn' or 'raise'"),
 ])

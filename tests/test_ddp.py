@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-poolings = pytest.importorskip("poolings")
+import poolings  # noqa: E402
 if not hasattr(poolings, "RankPool"):  # pragma: no cover - only while poolings/rank.py is missing
     pytest.skip("poolings.RankPool is not available", allow_module_level=True)
 if not torch.distributed.is_available():  # pragma: no cover

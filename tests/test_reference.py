@@ -22,8 +22,8 @@ from poolings.reference import (
     relative_kkt_residual,
 )
 
-pytest.importorskip("cvxpylayers")
-pytest.importorskip("theseus")
+import cvxpylayers  # noqa: E402,F401  (installed by the set-up; never skipped)
+import theseus  # noqa: E402,F401
 
 # cvxpylayers 1.2.0's backward converts tensors to numpy with a numpy-1 idiom
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -85,7 +85,7 @@ def exact_rank_vjp(V, U, lengths, G, C, eps):
 
 def liblinear(V, lengths, C, eps):
     """liblinear's L2-loss SVR without bias (its C is our C/2), per sample."""
-    svm = pytest.importorskip("sklearn.svm")
+    import sklearn.svm as svm
     rows = []
     for b, n in enumerate(lengths.tolist()):
         model = svm.LinearSVR(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-poolings = pytest.importorskip("poolings")
+import poolings  # noqa: E402
 if not hasattr(poolings, "RankPool"):  # pragma: no cover - only while poolings/rank.py is missing
     pytest.skip("poolings.RankPool is not available", allow_module_level=True)
 
@@ -239,6 +239,29 @@ def test_config_errors_name_the_field():
         TrainConfig(data="folder").validate()
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0).validate()
+    for clip in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="grad_clip"):
+            TrainConfig(grad_clip=clip).validate()
+
+
+def test_batchnorm_head_survives_a_last_batch_of_one(tmp_path):
+    """9 videos in batches of 4 leave one video over: it is dropped rather than crash BatchNorm."""
+    result = train(tiny_config(tmp_path, num_videos=9, epochs=1, head_norm="batchnorm"))
+    assert result.history and math.isfinite(result.history[-1]["train_loss"])
+
+
+def test_train_and_test_folders_must_hold_the_same_classes(tmp_path):
+    from poolings.video.data import FeatureDataset
+    from poolings.video.train import build_datasets
+
+    g = torch.Generator().manual_seed(0)
+    FeatureDataset([torch.randn(5, 3, generator=g) for _ in range(3)], [0, 1, 2],
+                   classes=["a", "b", "c"]).save(tmp_path / "feats" / "train")
+    FeatureDataset([torch.randn(5, 3, generator=g) for _ in range(2)], [0, 1],
+                   classes=["a", "c"]).save(tmp_path / "feats" / "test")
+    cfg = TrainConfig(data="features", data_path=str(tmp_path / "feats"), backbone="identity")
+    with pytest.raises(ValueError, match="must hold the same classes"):
+        build_datasets(cfg)
 
 
 # --------------------------------------------------------------------------- table 1 and CLI

@@ -112,7 +112,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = dataclass_from_args(TrainConfig, args, data=data, data_path=data_path).validate()
     except ValueError as exc:
         raise SystemExit(f"argminlayers train: {exc}") from exc
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except (ValueError, FileNotFoundError) as exc:  # bad data or sizes found while building the run
+        raise SystemExit(f"argminlayers train: {exc}") from exc
     if not cfg.quiet and int(os.environ.get("RANK", "0")) == 0:   # under torchrun, rank 0 reports
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
         fps = f", {result.frames_per_second:.0f} training frames/s" if result.frames_per_second else ""

@@ -91,7 +91,7 @@ class TrainConfig:
     backbone_init: str | None = _h("file with a backbone state_dict to start from", default=None)
     # data
     data: str = _h(f"data set: one of {list(DATASETS)}", default="moving-digits")
-    data_path: str | None = _h("folder (train/ and test/ sub-folders, or one folder per class) or feature file",
+    data_path: str | None = _h("folder (train/ and test/ sub-folders, or one folder per class); for features, a folder of .pt/.npy files",
                                default=None)
     num_videos: int = _h("moving-digits: training videos", default=256)
     num_test_videos: int = _h("moving-digits: test videos", default=128)
@@ -146,6 +146,8 @@ class TrainConfig:
             raise ValueError(f"head_norm: expected 'none', 'layernorm' or 'batchnorm', got {self.head_norm!r}")
         if self.head_norm == "batchnorm" and self.batch_size < 2:
             raise ValueError("head_norm: 'batchnorm' needs batch_size >= 2; use 'layernorm' with one video per batch")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip: must be a positive finite number (or unset), got {self.grad_clip}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum: must lie in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
@@ -262,6 +264,17 @@ def build_datasets(cfg: TrainConfig):
         test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
         if (root / "train").is_dir() and test_dir is not None:
             train_set, test_set = make(root / "train"), make(test_dir)
+            if list(train_set.classes) != list(test_set.classes):
+                # each split numbers its own sorted class folders: different sets would shift labels
+                raise ValueError(
+                    f"data_path: {root / 'train'} and {test_dir} must hold the same classes, got "
+                    f"{list(train_set.classes)} and {list(test_set.classes)}"
+                )
+        elif (root / "train").is_dir() or test_dir is not None:
+            raise ValueError(
+                f"data_path: {root} has a train/ folder without test/ or val/ (or the reverse); give both, "
+                "or one folder per class to split at random"
+            )
         else:
             train_set, test_set = _split(make(root), cfg.val_fraction, cfg.seed)
     num_classes = _num_classes(train_set)
@@ -312,8 +325,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def _train_loader(dataset, cfg: "TrainConfig", epoch: int, distributed: bool):
     from .data import make_loader
 
+    # BatchNorm cannot train on a last batch of one video: drop an incomplete last batch then
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=epoch_seed(cfg.seed, epoch),
-                         distributed=distributed, num_workers=cfg.num_workers)
+                         distributed=distributed, num_workers=cfg.num_workers,
+                         drop_last=cfg.head_norm == "batchnorm")
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
     return loader
