@@ -109,12 +109,12 @@ def finite_difference(
     gen = torch.Generator().manual_seed(seed)
     X = V.clone().requires_grad_(True)
     U = layer(X, *args)
-    G = torch.randn(U.shape, generator=gen, dtype=torch.float64)
+    G = torch.randn(U.shape, generator=gen, dtype=torch.float64).to(U.device)
     (dV,) = torch.autograd.grad(U, X, G)
     worst = 0.0
     with torch.no_grad():
         for _ in range(n_directions):
-            D = torch.randn(V.shape, generator=gen, dtype=torch.float64)
+            D = torch.randn(V.shape, generator=gen, dtype=torch.float64).to(V.device)
             fd = ((layer(V + eps * D, *args) - layer(V - eps * D, *args)) * G).sum() / (2 * eps)
             an = (dV * D).sum()
             worst = max(worst, float((fd - an).abs() / an.abs().clamp_min(1e-12)))
