@@ -17,7 +17,7 @@ _SUBCOMMANDS = {
     "train": "poolings.video.cli",
     "table1": "poolings.video.cli",
     "demo": "poolings.video.cli",
-    "bench": "benchmarks.cli",
+    "bench": "poolings.bench.cli",
 }
 
 

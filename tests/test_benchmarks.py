@@ -7,18 +7,13 @@ interleaving, memory accounting, the backward it times equals autograd's) and th
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder of the repository
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.report import index_path, write_index  # noqa: E402
+from poolings.bench import common
+from poolings.bench.report import index_path, write_index
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -113,7 +108,7 @@ def test_make_sequences_walk_is_unit_norm_and_seeded():
 @pytest.mark.parametrize("objective", ["rank", "logcosh"])
 def test_timed_backward_equals_autograd(objective):
     """The strategies benchmark times ``implicit_vjp`` on a stored solution: it is the autograd backward."""
-    from benchmarks.strategies import make_layer
+    from poolings.bench.strategies import make_layer
 
     V = common.make_sequences(2, 6, 4, dtype=torch.float64)
     G = common.seeded_like((2, 4), seed=1, dtype=torch.float64, device="cpu")
@@ -126,7 +121,7 @@ def test_timed_backward_equals_autograd(objective):
 
 # ---------------------------------------------------------------------------- benchmarks
 def test_strategies_quick(tmp_path):
-    from benchmarks import strategies
+    from poolings.bench import strategies
 
     cfg = tiny(tmp_path)
     data = strategies.run(cfg)
@@ -143,7 +138,7 @@ def test_strategies_quick(tmp_path):
 
 
 def test_strategies_skip_beyond_the_caps(tmp_path, monkeypatch):
-    from benchmarks import strategies
+    from poolings.bench import strategies
 
     monkeypatch.setattr(strategies, "QUICK", (strategies.Sweep("rank", B=2, T_values=(4,), p_fixed=40,
                                                                p_values=(), T_fixed=4),))
@@ -158,7 +153,7 @@ def test_strategies_skip_beyond_the_caps(tmp_path, monkeypatch):
 
 
 def test_references_quick(tmp_path):
-    from benchmarks import references
+    from poolings.bench import references
 
     cfg = tiny(tmp_path)
     data = references.run(cfg)
@@ -173,7 +168,7 @@ def test_references_quick(tmp_path):
 
 
 def test_throughput_quick(tmp_path):
-    from benchmarks import throughput
+    from poolings.bench import throughput
 
     cfg = tiny(tmp_path)
     data = throughput.run(cfg)
@@ -213,7 +208,7 @@ def test_index_collects_sections_verbatim(tmp_path):
 
 
 def test_projection_scales_the_nearest_measured_point_below():
-    from benchmarks.strategies import Projections
+    from poolings.bench.strategies import Projections
 
     proj = Projections()
     assert proj.project("rank", "dense", 10.0) is None
@@ -234,7 +229,7 @@ def test_cap_scale_is_validated_and_recorded():
 
 def test_references_over_the_cap(tmp_path, monkeypatch):
     """Over the cap: theseus is skipped with its projection, cvxpylayers runs its forward alone."""
-    from benchmarks import references
+    from poolings.bench import references
 
     monkeypatch.setattr(references, "QUICK", (
         references.Problem(1, 6, 4, methods=("ours", "cvxpylayers-SCS", "theseus")),
@@ -262,7 +257,7 @@ def test_time_format_never_prints_1000_of_a_unit():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_limit_and_strategies_on_cuda(tmp_path):
-    from benchmarks import limit, strategies
+    from poolings.bench import limit, strategies
 
     cfg = common.BenchConfig(quick=True, device="cuda", out=str(tmp_path / "bench"), repeats=1, warmup=0,
                              progress=False)

@@ -34,7 +34,7 @@ def run_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     for name in names:
-        module = importlib.import_module(f"benchmarks.{name}")
+        module = importlib.import_module(f"{__package__}.{name}")
         module.run(cfg)
         print(f"{name}: wrote {cfg.out}/{name}.json, {name}.md and charts", flush=True)
     print(f"wrote {write_index(cfg.out)}")
@@ -42,7 +42,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.cli NAME ...`` (the same as ``argminlayers bench NAME ...``)."""
+    """``python -m poolings.bench.cli NAME ...`` (the same as ``argminlayers bench NAME ...``)."""
     parser = argparse.ArgumentParser(prog="argminlayers")
     sub = parser.add_subparsers(dest="command")
     register(sub)

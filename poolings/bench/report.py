@@ -19,8 +19,8 @@ INTRO = """\
 This page is generated: every table, chart and verdict below comes unedited from the run whose
 command and environment head its section. `argminlayers bench all` reruns everything and rewrites
 this page (`argminlayers bench NAME` reruns one section). From the repository root,
-`python -m benchmarks.cli NAME` is the same command, and each benchmark is also runnable as
-`python -m benchmarks.NAME`, with the same options; `--quick` runs tiny sizes in seconds.
+`python -m poolings.bench.cli NAME` is the same command, and each benchmark is also runnable as
+`python -m poolings.bench.NAME`, with the same options; `--quick` runs tiny sizes in seconds.
 The raw numbers (every timing sample, quartiles, memory, errors, environment) are in
 `docs/benchmarks/NAME.json`.
 

@@ -148,7 +148,7 @@ class BenchConfig:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """The options shared by ``argminlayers bench`` and ``python -m benchmarks.NAME``."""
+    """The options shared by ``argminlayers bench`` and ``python -m poolings.bench.NAME``."""
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a few seconds), for smoke tests")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
@@ -182,8 +182,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def module_main(name: str, run: Callable[[BenchConfig], dict], argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m benchmarks.NAME``: parse the common options, run, regenerate the index."""
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=run.__doc__)
+    """Entry point of ``python -m poolings.bench.NAME``: parse the common options, run, regenerate the index."""
+    parser = argparse.ArgumentParser(prog=f"python -m poolings.bench.{name}", description=run.__doc__)
     add_common_args(parser)
     cfg = config_from_args(parser.parse_args(argv))
     run(cfg)
