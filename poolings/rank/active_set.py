@@ -94,6 +94,10 @@ class Space:
     def commit(self, choice: Tensor) -> None:
         """Keep what :meth:`solve` computed for candidate ``choice[b]`` (``−1``: nothing)."""
 
+    def residuals(self, x: Tensor) -> Tensor:
+        """``r = y − V u`` at ``x``, ``(B, T)`` (spaces with inexact solves only)."""
+        raise NotImplementedError
+
 
 @dataclass
 class ActiveSetResult:
@@ -124,7 +128,6 @@ def active_set_solve(space: Space, C: float, eps: float, *, tol: float, check_to
     live = torch.ones_like(stable)
     done = torch.zeros_like(stable)
     iters = torch.zeros(B, dtype=torch.long, device=dev)
-    gnorm = torch.zeros_like(u2)
     tiny = torch.finfo(wd).tiny
     mask_k = mask.unsqueeze(1)
 
@@ -138,7 +141,7 @@ def active_set_solve(space: Space, C: float, eps: float, *, tol: float, check_to
         g, scale = space.gradient(x, u2, r, sgn1, S)
         rel = g / scale.clamp_min(tiny)
         finished = live & ((rel <= tol) | (stable & (rel <= check_tol)))
-        gnorm = torch.where(live, g, gnorm)
+        gnorm = g  # a finished sample's point no longer moves: its g stays what it was
         done |= finished
         live &= ~finished
         if S is None or not bool(live.any()):
@@ -155,7 +158,7 @@ def active_set_solve(space: Space, C: float, eps: float, *, tol: float, check_to
         # An inexact solve is taken only where its set is reproduced (its gradient is then the
         # solve's residual); otherwise it only gives the direction of the line search.
         if two:
-            k = (~reproduced[:, 0] & (reproduced[:, 1] | (F[:, 1] < F[:, 0]))).long()
+            k = F.masked_fill(reproduced, float("-inf")).argmin(1)  # ties: the first (Newton) set
             Fk = F.gather(1, k.unsqueeze(1)).squeeze(1)
             hit = reproduced.gather(1, k.unsqueeze(1)).squeeze(1)
         else:
@@ -180,16 +183,22 @@ def active_set_solve(space: Space, C: float, eps: float, *, tol: float, check_to
             # Newton direction with an exact line search; in every space r is affine in x
             d, dr = X[:, 0] - x, R[:, 0] - r
             ud, dd = space.line_terms(x, d, r, dr)
-            alpha = exact_line_search(r, dr, ud, dd, mask, C, eps)
-            step = search & (alpha > 0)
-            a = torch.where(step, alpha, torch.zeros_like(alpha))
+            a = exact_line_search(r, dr, ud, dd, mask, C, eps)
+            x_a = x + a.unsqueeze(-1) * d
+            # exact solves: r is affine in x, so r(α) = r + α Δr. Inexact ones are measured
+            # again: near the optimum, rounding of the data (float32) makes the line's derivative
+            # noise, and a step that raises f is refused
+            r_a = r + a.unsqueeze(-1) * dr if space.exact else space.residuals(x_a)
+            u2_a = u2 + 2 * a * ud + a * a * dd
+            f_a = 0.5 * u2_a + 0.5 * C * loss(r_a, mask, eps)
+            step = search & (a > 0) & (f_a <= f)
             s = step.unsqueeze(-1)
             beta_n = C * (sgn1 != 0) * (R[:, 0] - sgn1 * eps)
-            x = torch.where(s, x + a.unsqueeze(-1) * d, x)
-            r = torch.where(s, r + a.unsqueeze(-1) * dr, r)
+            x = torch.where(s, x_a, x)
+            r = torch.where(s, r_a, r)
             beta = torch.where(s, beta + a.unsqueeze(-1) * (beta_n - beta), beta)
-            u2 = torch.where(step, u2 + 2 * a * ud + a * a * dd, u2)
-            f = torch.where(step, 0.5 * u2 + 0.5 * C * loss(r, mask, eps), f)
+            u2 = torch.where(step, u2_a, u2)
+            f = torch.where(step, f_a, f)
             moved = moved | step
         # what the space keeps: the factor of the set moved to (the Newton set's after a line search)
         space.commit(torch.where(jump, k, torch.where(moved, 0, -1)))

@@ -26,8 +26,10 @@ of cost, so the CG iterations are kept few:
 
 Each Newton step is inexact, so a sample stops only on its relative gradient
 (``‖∇_u f‖ ≤ tol · scale``, measured by a pass over ``V`` at every point) — never on a
-reproduced set. Per step: one pass for the gradient, ``2 × (CG iterations)`` for the solve and
-one for the residuals. Memory: a few ``(B, p)`` and ``(B, T)`` vectors and the ``(B, p, k)``
+reproduced set. Per step: one pass for the gradient, ``2 × (CG iterations)`` for the solve,
+one for the residuals of the full step and, where the line search moves elsewhere on the line,
+one more for the residuals there (measured, not extrapolated: near the optimum of float32
+data the extrapolation is noise). Memory: a few ``(B, p)`` and ``(B, T)`` vectors and the ``(B, p, k)``
 sketch.
 
 **Backward.** No factor exists, so the exact backward solves ``H w = g`` by the same
@@ -126,9 +128,11 @@ class NewtonCGSpace(Space):
         res = batched_cg(lambda z: S(self.hvp(active, S(z))), b, tol=eta, max_iter=self.max_cg)
         self.cg_iterations += res.iterations
         X = (x + S(res.x)).unsqueeze(1)  # (B, 1, p)
-        R = self.y - frames_dot(self.V, X[:, 0].to(self.V.dtype)).to(WD)  # one pass
         good = live.unsqueeze(-1) & torch.isfinite(X).all(-1)
-        return X, R.unsqueeze(1), X.square().sum(-1), good
+        return X, self.residuals(X[:, 0]).unsqueeze(1), X.square().sum(-1), good
+
+    def residuals(self, x: Tensor) -> Tensor:
+        return self.y - frames_dot(self.V, x.to(self.V.dtype)).to(WD)  # one pass
 
     def line_terms(self, x, d, r, dr):
         return (x * d).sum(-1), d.square().sum(-1)
