@@ -188,7 +188,7 @@ def test_nystrom_preconditioner_is_the_stated_operator():
 
 # ---------------------------------------------------------------------------- the choice
 def test_auto_runs_the_chosen_method_and_reports_it():
-    tall, wide = _data(2, 50, 4, seed=45, scale=0.3), _data(2, 4, 50, seed=46, scale=0.3)
+    tall, wide = _data(2, 400, 4, seed=45, scale=0.1), _data(2, 4, 400, seed=46, scale=0.3)
     for V in (tall, wide):
         pool = RankPool()
         assert pool.method == "auto" and pool.last_method is None
@@ -209,9 +209,11 @@ def test_auto_runs_the_chosen_method_and_reports_it():
 
 def test_cost_model_choices():
     """Small ``min(T, p)``: the space of the smaller side; both large: matrix-free; memory caps."""
-    assert choose_method(4, 4000, 512) == "pspace"
     assert choose_method(16, 300, 64) == "pspace"
+    assert choose_method(4, 8000, 64) == "pspace"
     assert choose_method(2, 50, 512) == "tspace"
+    assert choose_method(4, 100, 4096) == "tspace"
+    assert choose_method(4, 4000, 512) != "tspace"
     assert choose_method(16, 4000, 4096) == "cg"
     assert choose_method(2, 100, 80, memory_limit=1) == "cg"  # nothing direct fits
     costs = method_costs(16, 4000, 2048)

@@ -9,7 +9,7 @@ signed set and in how residuals are formed. What they share lives here:
   of a sample share ``A`` they share one new factor (two right-hand sides);
 - new factors are built only for live samples and only where needed, directly in their own
   buffer (no gather of the cache), and factorised in place. Small problems skip all of this
-  and factorise every candidate: a few kernels instead of dozens;
+  and factorise every candidate (``is_small``): a few kernels instead of dozens;
 - the cache is full size ``(B, n, n)`` and is the factor the backward pass reuses.
 """
 
@@ -20,10 +20,16 @@ from torch import Tensor
 
 from .active_set import Space
 
-# Below this many flops of factorisation per candidate set (B n³), every candidate of every
-# sample is factorised afresh: the kernels saved by reusing factors cost more than they save.
+# Small problems (B n³ ≤ SMALL_FLOPS and B ≤ SMALL_BATCH) factorise every candidate of every
+# sample afresh: there, the kernels the reuse bookkeeping launches cost more than it saves.
 SMALL_FLOPS = 2e7
+SMALL_BATCH = 8
 SMALL_COPY = 2**20  # elements: factors are committed with one gather below this, row by row above
+
+
+def is_small(B: int, n: int) -> bool:
+    """Whether a batch of ``B`` systems of size ``n`` is solved without the factor bookkeeping."""
+    return B * n**3 <= SMALL_FLOPS and B <= SMALL_BATCH
 
 
 def _same(a: Tensor, b: Tensor) -> Tensor:
@@ -128,7 +134,7 @@ class FactoredSpace(Space):
         B, k, T = S.shape
         A = S != 0
         rhs = self._rhs(S, A)  # (B, k, n)
-        if B * self.n**3 <= SMALL_FLOPS:
+        if is_small(B, self.n):
             # small: factorise every candidate, no bookkeeping (a few kernels instead of dozens)
             F, info = self._factorise(self._rows(B, k), A.view(B * k, T))
             X = cholesky_solve(rhs.reshape(B * k, self.n, 1), F).view(B, k, self.n)

@@ -69,22 +69,41 @@ class NystromPreconditioner:
     @classmethod
     def sketch(cls, V: Tensor, mask: Tensor, C: float, rank: int = SKETCH_RANK) -> "NystromPreconditioner":
         """From a rank-``k`` Nyström sketch ``Y = C Vᵀ(D V Ω)`` of ``C VᵀV`` (valid steps ``D``);
-        ``k = min(rank, p, T)``. A fixed seed makes every call deterministic."""
+        ``k = min(rank, p, T)``, ``Ω`` a fixed orthonormal ``p × k`` test matrix (one seed, so every
+        call is deterministic; kept across calls). With ``Y_ν = Y + νΩ`` (a shift at the rounding
+        level), ``Ωᵀ Y_ν = L Lᵀ`` and ``F = Y_ν L⁻ᵀ``, the sketch is ``F Fᵀ − ν I``; its
+        eigenpairs come from the ``k × k`` eigenproblem of ``FᵀF = W Σ² Wᵀ``: ``U = F W Σ⁻¹``,
+        ``λ = Σ² − ν`` (no ``p × k`` SVD)."""
         B, T, p = V.shape
         k = max(1, min(rank, p, T))
-        gen = torch.Generator(device="cpu").manual_seed(SKETCH_SEED)
-        Omega = torch.linalg.qr(torch.randn(p, k, generator=gen, dtype=WD)).Q.to(V.device)  # (p, k)
+        Omega = _test_matrix(p, k, V.device)  # (p, k) float64
         Z = torch.matmul(V, Omega.to(V.dtype)) * mask.unsqueeze(-1)  # (B, T, k)
         Y = C * torch.bmm(V.transpose(1, 2), Z).to(WD)  # (B, p, k) ≈ C VᵀV Ω
         nu = (p**0.5) * torch.finfo(V.dtype).eps * torch.linalg.matrix_norm(Y)  # (B,) stabilising shift
         Y = Y + nu.view(B, 1, 1) * Omega
         L, info = torch.linalg.cholesky_ex(Omega.T @ Y)  # (B, k, k)
-        Bm = torch.linalg.solve_triangular(L, Y.transpose(1, 2), upper=False).transpose(1, 2)  # Y L⁻ᵀ
-        U, sig, _ = torch.linalg.svd(Bm, full_matrices=False)
-        lam = (sig.square() - nu.unsqueeze(-1)).clamp_min(0)  # (B, k), descending
-        s = ((lam[:, -1:] + 1) / (lam + 1)).sqrt()
-        ok = (info == 0).unsqueeze(-1) & torch.isfinite(s).all(-1, keepdim=True)
+        F = torch.linalg.solve_triangular(L, Y.transpose(1, 2), upper=False).transpose(1, 2)  # Y L⁻ᵀ
+        sig2, W = torch.linalg.eigh(F.transpose(1, 2) @ F)  # ascending
+        sig2, W = sig2.flip(-1), W.flip(-1)
+        keep = sig2 > sig2[:, :1] * torch.finfo(WD).eps * k  # directions the sketch resolves
+        U = (F @ W) * torch.where(keep, sig2.clamp_min(torch.finfo(WD).tiny).rsqrt(), torch.zeros_like(sig2)).unsqueeze(1)
+        lam = (sig2 - nu.unsqueeze(-1)).clamp_min(0) * keep  # (B, k), descending
+        lam_k = torch.where(keep, lam, torch.full_like(lam, float("inf"))).amin(-1, keepdim=True)
+        s = torch.where(keep, ((lam_k + 1) / (lam + 1)).sqrt(), torch.ones_like(lam))
+        ok = (info == 0).unsqueeze(-1) & torch.isfinite(s).all(-1, keepdim=True) & torch.isfinite(U).all(1)
         return cls(U, torch.where(ok, s, torch.ones_like(s)))  # a failed sketch: no preconditioning
+
+
+_TEST_MATRICES: dict[tuple, Tensor] = {}
+
+
+def _test_matrix(p: int, k: int, device: torch.device) -> Tensor:
+    """The orthonormal Gaussian test matrix ``Ω (p, k)`` of the sketch, made once per size and device."""
+    key = (p, k, str(device))
+    if key not in _TEST_MATRICES:
+        gen = torch.Generator(device="cpu").manual_seed(SKETCH_SEED)
+        _TEST_MATRICES[key] = torch.linalg.qr(torch.randn(p, k, generator=gen, dtype=WD)).Q.to(device)
+    return _TEST_MATRICES[key]
 
 
 class NewtonCGSpace(Space):
