@@ -6,10 +6,17 @@ back-propagates with the implicit function theorem, ``du*/dv = −H⁻¹ f_uv``,
 """
 
 from . import check
-from .errors import ConvergenceError, ConvergenceWarning, SingularHessianError, StructureError
-from .hessian import DenseHessian, FunctionHessian, HessianOperator, LowRankHessian
+from .errors import (
+    CapturedTensorError,
+    ConvergenceError,
+    ConvergenceWarning,
+    SingularHessianError,
+    StructureError,
+)
+from .hessian import AutogradHessian, DenseHessian, FunctionHessian, HessianOperator, LowRankHessian
 from .layer import ArgminLayer
-from .objective import FunctionObjective, Objective, Solution, as_objective
+from .objective import STATUS_TEXT, FunctionObjective, Linearization, Objective, Solution, SolverState, as_objective
+from .problem import Problem
 from .solvers import LBFGS, Newton, NewtonCG, Solver, available_solvers, get_solver, register_solver
 from .strategies import (
     CG,
@@ -31,7 +38,12 @@ __all__ = [
     "Objective",
     "FunctionObjective",
     "Solution",
+    "SolverState",
+    "STATUS_TEXT",
+    "Linearization",
+    "Problem",
     "as_objective",
+    "AutogradHessian",
     "HessianOperator",
     "DenseHessian",
     "FunctionHessian",
@@ -53,6 +65,7 @@ __all__ = [
     "get_solver",
     "available_solvers",
     "ConvergenceWarning",
+    "CapturedTensorError",
     "ConvergenceError",
     "SingularHessianError",
     "StructureError",

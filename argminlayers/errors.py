@@ -22,3 +22,8 @@ class SingularHessianError(RuntimeError):
 
 class StructureError(ValueError):
     """A backward strategy needs Hessian structure that the objective does not declare."""
+
+
+class CapturedTensorError(RuntimeError):
+    """An objective reads a tensor that requires grad through a path the layer cannot follow
+    (so its gradient would be lost); pass it as a keyword input or make it a parameter."""

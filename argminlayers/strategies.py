@@ -123,12 +123,15 @@ class Dense(Strategy):
     """``w = H⁻¹ g`` by batched Cholesky of the materialised Hessian.
 
     Cost ``O(q³)`` per sample plus building ``H`` (``q`` Hessian–vector products for a
-    matrix-free objective). Exact. Raises :class:`SingularHessianError` when ``H`` is
+    matrix-free objective), or ``O(q²)`` when the operator carries its factor already
+    (dense Newton's last step). Exact. Raises :class:`SingularHessianError` when ``H`` is
     not positive definite: at a strict local minimum it always is.
     """
 
     def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
-        L = cholesky_or_raise(hessian.dense())
+        L = getattr(hessian, "factor", None)
+        if L is None:
+            L = cholesky_or_raise(hessian.dense())
         return _check_finite(torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1), self.name)
 
 
