@@ -32,6 +32,10 @@ from torch import Tensor, nn
 from .errors import CapturedTensorError, ConvergenceError, ConvergenceWarning, StructureError
 from .objective import (
     CONVERGED,
+    MAX_ITER,
+    NO_DESCENT,
+    NONFINITE,
+    NOT_MINIMUM,
     NOT_STATIONARY,
     STATUS_TEXT,
     FunctionObjective,
@@ -309,7 +313,8 @@ class ArgminLayer(nn.Module):
         if [t._version for t in (V1, U1, *inputs1.values())] != versions:
             raise RuntimeError(
                 f"objective {objective.describe()} modified its arguments (v, u or a keyword input) in place; "
-                "that would corrupt the caller's tensors and the solve. Compute on copies "
+                "that would corrupt the caller's tensors and the solve (this was found on copies: yours are untouched). "
+                "Compute on new tensors "
                 "(e.g. v = v * 2 instead of v *= 2)"
             )
         if isinstance(out, Tensor) and out.requires_grad:
@@ -334,28 +339,26 @@ class ArgminLayer(nn.Module):
         if not bool(bad.any()):
             return
         idx = bad.nonzero().flatten().tolist()
-        reasons: dict[str, list[int]] = {}
+        reasons: dict[int, list[int]] = {}
         for i in idx:
-            code = int(sol.status[i]) if sol.status is not None else -1
-            text = STATUS_TEXT.get(code, "it did not converge")
-            if bool(nonfinite[i]):
-                text = "the solution is NaN or infinite"
-            reasons.setdefault(text, []).append(i)
-        if len(reasons) == 1:
-            why = next(iter(reasons))
-        else:
-            why = "; ".join(f"samples {v[:8]}{' ...' if len(v) > 8 else ''}: {k}" for k, v in reasons.items())
+            code = -1 if bool(nonfinite[i]) else (int(sol.status[i]) if sol.status is not None else MAX_ITER)
+            reasons.setdefault(code, []).append(i)
+        tol = self._solver_opts.get("tol", default_tol(V.dtype))
+        parts = []
+        for code, samples in reasons.items():
+            text = "the solution is NaN or infinite" if code == -1 else STATUS_TEXT.get(code, "it did not converge")
+            hint = _HINTS.get(code, "").format(tol=tol)
+            where = f"samples {samples[:8]}{' ...' if len(samples) > 8 else ''}: " if len(reasons) > 1 else ""
+            parts.append(f"{where}{text}{'; ' + hint if hint else ''}")
         gn = ""
         if sol.grad_norm is not None:
             gn = f" (‖∇f‖ = {[f'{x:.2e}' for x in sol.grad_norm[idx[:4]].tolist()]})"
-        tol = self._solver_opts.get("tol", default_tol(V.dtype))
         msg = (
             f"the forward solve of {self.objective.describe()} did not converge for samples "
-            f"{idx[:8]}{' ...' if len(idx) > 8 else ''}{gn} ({why}). Those samples get zero gradient. "
-            f"Raise max_iter, loosen tol (now {tol:g}), start elsewhere (init=), or try another solver"
+            f"{idx[:8]}{' ...' if len(idx) > 8 else ''}{gn}: {'. '.join(parts)}. Those samples get zero gradient."
         )
         if self.on_nonconvergence == "raise" or bool(nonfinite.any()):
-            raise ConvergenceError(msg.replace(" Those samples get zero gradient.", ""))
+            raise ConvergenceError(msg.removesuffix(" Those samples get zero gradient."))
         warnings.warn(msg, ConvergenceWarning, stacklevel=_caller_stacklevel())
 
     # ------------------------------------------------------------------------ the backward
@@ -386,12 +389,6 @@ class ArgminLayer(nn.Module):
             lin = problem.linearize(U.detach(), sol.state)
             W = strategy.solve(lin.hessian.shifted(self.damping), g)
         else:
-            if not getattr(strategy, "exact", True):
-                raise RuntimeError(
-                    f"backward={getattr(strategy, 'name', strategy)!r} approximates H⁻¹, so the layer's gradient "
-                    "cannot be differentiated again; use an exact strategy (dense, woodbury, sherman_morrison, "
-                    "cg) for second derivatives"
-                )
             fixed = Problem(problem.objective, problem.V.detach(), problem.mask,
                             {k: x.detach() for k, x in problem.inputs.items()}, problem.q_shape)
             H0 = fixed.linearize(U.detach(), sol.state).hessian.shifted(self.damping)
@@ -402,6 +399,15 @@ class ArgminLayer(nn.Module):
             W = W0 - _Solve.apply(strategy, H0, residual)
         grads = lin.vjp(W, wrt)
         return {k: (None if x is None else -x) for k, x in grads.items()}
+
+
+_HINTS = {
+    MAX_ITER: "raise max_iter (or loosen tol, now {tol:g})",
+    NO_DESCENT: "no step decreases f any more: loosen tol (now {tol:g}) or try another solver",
+    NONFINITE: "check the objective where the solver starts (init=) and its domain",
+    NOT_MINIMUM: "start elsewhere (init=) or regularise the objective",
+    NOT_STATIONARY: "the solve does not minimise this objective (a constrained problem? declare eq=/ineq=)",
+}
 
 
 def _caller_stacklevel() -> int:
@@ -457,6 +463,36 @@ def _hidden_leaves(out: Tensor, known: set[int], stops: set[int]) -> list[Tensor
             continue
         stack.extend(n for n, _ in node.next_functions)
     return hidden
+
+
+@contextlib.contextmanager
+def _bound_parameters(module: nn.Module, tensors: dict[str, Tensor]):
+    """Temporarily make ``module``'s parameters the given tensors (by dotted name), where they differ."""
+    swapped = []
+    for name, t in tensors.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        current = owner._parameters.get(leaf)
+        if current is not t:
+            swapped.append((owner, leaf, current))
+            owner._parameters[leaf] = t
+    try:
+        yield
+    finally:
+        for owner, leaf, current in swapped:
+            owner._parameters[leaf] = current
+
+
+def _check_captured(layer: ArgminLayer, call: "_Call", saved: tuple) -> None:
+    if not call.captured:
+        return
+    now = layer._captured()
+    changed = [n for n, t in zip(call.captured, saved) if now.get(n) is not t]
+    if changed:
+        raise RuntimeError(
+            f"objective {layer.objective.describe()} captures {changed}, which now refer to other tensors than in "
+            "the forward pass, so their gradients cannot be computed; pass them as keyword inputs instead"
+        )
 
 
 @dataclass
@@ -519,14 +555,27 @@ class _ArgminFunction(torch.autograd.Function):
             ok = call.ok.reshape(-1, *([1] * (g.dim() - 1)))
             g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
         partial = _ImplicitPartials(layer, call, need_v, need_t)
-        if torch.is_grad_enabled():
-            # Double backward: the partial derivatives at independent copies of (V, u*, g, inputs),
-            # with their graphs; u* is the layer's output, so a second differentiation reaches the
-            # layer again through it (the path through u* is the implicit one).
-            Vb = V if call.validated else zero_padding(V, mask)
-            grads = _Partial.apply(partial, 3 + n_in, Vb, U, g, *tensors)
-        else:
-            grads = partial(problem.V, U.detach(), g, *problem.inputs.values(), *tensors[n_in:])
+        n_par = len(call.params)
+        _check_captured(layer, call, tensors[n_in + n_par:])
+        # the objective is evaluated with the parameters of the forward pass (the same tensors,
+        # unless the forward ran under torch.func.functional_call or they were swapped since)
+        with _bound_parameters(layer.objective, dict(zip(call.params, tensors[n_in:n_in + n_par]))):
+            twice = torch.is_grad_enabled()
+            strategy = layer.pick_strategy(problem, call.sol)
+            if twice and not getattr(strategy, "exact", True):
+                # first-order gradients now; differentiating them again raises (never zeros)
+                with torch.no_grad():
+                    first = partial(problem.V, U.detach(), g.detach(), *problem.inputs.values(), *tensors[n_in:])
+                grads = [None if x is None else _RefuseTwice.apply(getattr(strategy, "name", repr(strategy)), U, x)
+                         for x in first]
+            elif twice:
+                # Double backward: the partial derivatives at independent copies of (V, u*, g, inputs),
+                # with their graphs; u* is the layer's output, so a second differentiation reaches the
+                # layer again through it (the path through u* is the implicit one).
+                Vb = V if call.validated else zero_padding(V, mask)
+                grads = _Partial.apply(partial, 3 + n_in, Vb, U, g, *tensors)
+            else:
+                grads = partial(problem.V, U.detach(), g, *problem.inputs.values(), *tensors[n_in:])
         dV, *out = grads
         if dV is not None and not bool(mask.all()):
             m = mask.reshape(*mask.shape, *([1] * (dV.dim() - 2)))
@@ -632,6 +681,23 @@ class _Partial(torch.autograd.Function):
                                           retain_graph=True, create_graph=torch.is_grad_enabled())
             res = {id(x): gx for x, gx in zip(diff, got)}
         return (None, None, *[res.get(id(x)) for x in ctx.ins])
+
+
+class _RefuseTwice(torch.autograd.Function):
+    """Identity on a first-order gradient computed by an approximate strategy; differentiating it
+    again raises, so a second derivative is never silently wrong."""
+
+    @staticmethod
+    def forward(ctx: Any, name: str, anchor: Tensor, x: Tensor) -> Tensor:
+        ctx.name = name
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        raise RuntimeError(
+            f"backward={ctx.name!r} approximates H⁻¹, so the layer's gradient cannot be differentiated again; "
+            "use an exact strategy (dense, woodbury, sherman_morrison, cg) for second derivatives"
+        )
 
 
 class _Solve(torch.autograd.Function):
