@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .linalg import batched_vjp, vjp
+
 
 class HessianOperator:
     """A batch of symmetric matrices ``H: (B, q, q)`` seen through what is cheap to compute.
@@ -120,8 +122,7 @@ class AutogradHessian(HessianOperator):
         if self.G is None or not self.G.requires_grad:
             return torch.zeros_like(x)
         with torch.enable_grad():
-            (hx,) = torch.autograd.grad(self.G, self.U, x.reshape(self.U.shape), retain_graph=True,
-                                        create_graph=self.create_graph, allow_unused=True)
+            (hx,) = vjp(self.G, (self.U,), x.reshape(self.U.shape), create_graph=self.create_graph)
         return torch.zeros_like(x) if hx is None else hx.reshape(x.shape)
 
     def dense(self) -> Tensor:
@@ -134,8 +135,7 @@ class AutogradHessian(HessianOperator):
                 eye = torch.eye(q, dtype=self.dtype, device=self.device)
                 E = eye.unsqueeze(1).expand(q, B, q).reshape(q, *self.U.shape)
                 with torch.enable_grad():
-                    (H,) = torch.autograd.grad(self.G, self.U, E, retain_graph=True, create_graph=self.create_graph,
-                                               is_grads_batched=True, allow_unused=True)
+                    H = batched_vjp(self.G, self.U, E, create_graph=self.create_graph)
                 H = torch.zeros(q, B, q, dtype=self.dtype, device=self.device) if H is None else H.reshape(q, B, q)
                 self._dense = H.transpose(0, 1)  # (B, q, q); symmetric, so rows = columns
         return self._dense

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from .hessian import AutogradHessian, FunctionHessian, HessianOperator
+from .linalg import vjp
 
 # ----------------------------------------------------------------------- solution and status
 #: Why a sample's solve ended (``Solution.status``).
@@ -479,7 +480,7 @@ class Linearization:
                 F = self.objective.value(self.V, Ur, self.mask, **self.inputs)
                 G = None
                 if F.requires_grad:
-                    (G,) = torch.autograd.grad(F.sum(), Ur, create_graph=graph, allow_unused=True)
+                    (G,) = vjp(F, (Ur,), torch.ones_like(F), retain_graph=graph, create_graph=graph)
                     if G is not None and not G.requires_grad:
                         G = G.detach()
             self._record, self._record_graph = (F, Ur, G), graph
@@ -560,9 +561,6 @@ class Linearization:
                 out.update({k: None for k in rest})
             else:
                 with torch.enable_grad():
-                    grads = torch.autograd.grad(
-                        G, list(rest.values()), Wq, retain_graph=True, create_graph=self.create_graph,
-                        allow_unused=True,
-                    )
+                    grads = vjp(G, tuple(rest.values()), Wq, create_graph=self.create_graph)
                 out.update(zip(rest, grads))
         return out

@@ -102,21 +102,24 @@ class Solver:
             if keep_hessian:
                 hessian = lin.hessian
             small_g = gnorm <= tol * scale
-            if pd is None:  # gradient-only direction: check the curvature where the gradient is small
-                pd, dn = _curvature(lin, g, live & small_g)
+            if pd is None:  # gradient-only direction: the curvature is checked once, at the end
+                conv, saddle = live & small_g, torch.zeros_like(live)
             else:
-                dn = d.norm(dim=-1)
-            small_d = dn <= (tol**0.5) * U.norm(dim=-1).clamp_min(1.0)
-            conv = live & small_g & pd & small_d
-            saddle = live & small_g & ~pd
+                small_d = d.norm(dim=-1) <= (tol**0.5) * U.norm(dim=-1).clamp_min(1.0)
+                conv = live & small_g & pd & small_d
+                saddle = live & small_g & ~pd
             status = torch.where(conv, CONVERGED, torch.where(saddle, NOT_MINIMUM, status))
             done = done | conv | saddle
             active = ~done
             if it == self.max_iter or not bool(active.any()):
                 break
             d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
-            U_new, f_new, ok = armijo(problem, U, f, g, d, active)
-            lin = problem.linearize(U_new, second_order=self.second_order)
+            # the full step is recorded as the next linearization: when every sample takes it
+            # (Newton near its solution), the line search costs no extra pass
+            trial = problem.linearize(U + d, second_order=self.second_order)
+            U_new, f_new, ok = armijo(problem, U, f, g, d, active, first=trial.value)
+            lin = trial if bool((ok == active).all()) and bool(torch.equal(U_new, U + d)) else \
+                problem.linearize(U_new, second_order=self.second_order)
             g_new = lin.grad
             if after_step is not None:
                 after_step(U_new - U, g_new - g, active & ok)
@@ -127,6 +130,12 @@ class Solver:
             stuck = active & ~ok
             status = torch.where(nonfinite, NONFINITE, torch.where(stuck, NO_DESCENT, status))
             done = done | nonfinite | stuck
+        if not self.second_order:
+            # a gradient-only solver knows nothing of the curvature: check it where it stopped
+            stopped = status == CONVERGED
+            pd, dn = _curvature(lin, g, stopped)
+            flat = stopped & ~(pd & (dn <= (tol**0.5) * U.norm(dim=-1).clamp_min(1.0)))
+            status = torch.where(flat, NOT_MINIMUM, status)
         converged = status == CONVERGED
         state = SolverState(hessian=hessian) if keep_hessian else None
         return Solution(U, converged=converged, iterations=iters, grad_norm=gnorm, state=state, status=status)
@@ -140,7 +149,8 @@ def _curvature(lin: Linearization, g: Tensor, check: Tensor) -> tuple[Tensor, Te
     if not bool(check.any()):
         return pd, dn
     rhs = torch.where(check.unsqueeze(-1), g, torch.zeros_like(g))
-    res = batched_cg(lin.hessian.matvec, rhs, tol=1e-3, max_iter=min(2 * g.shape[-1], 50))
+    # a few steps suffice: a flat or negatively curved Krylov direction shows at once
+    res = batched_cg(lin.hessian.matvec, rhs, tol=1e-3, max_iter=min(g.shape[-1], 3))
     return ~(res.negative_curvature & check), torch.where(check, res.x.norm(dim=-1), dn)
 
 
@@ -188,12 +198,13 @@ def armijo(
     c: float = 1e-4,
     shrink: float = 0.5,
     max_steps: int = 40,
+    first: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batched backtracking line search: the first ``α ∈ {1, ½, ¼, …}`` with
     ``f(u + α d) ≤ f(u) + c α gᵀd`` (plus a rounding allowance), per sample.
 
-    Returns ``(U_new, f_new, ok)``; samples that are inactive, or find no step, keep ``U``
-    (``ok`` is ``False`` for the latter).
+    ``first``: ``f(u + d)`` when the caller has it already. Returns ``(U_new, f_new, ok)``;
+    samples that are inactive, or find no step, keep ``U`` (``ok`` is ``False`` for the latter).
     """
     slope = (g * d).sum(-1)
     slack = 16 * torch.finfo(f.dtype).eps * f.abs()
@@ -201,9 +212,9 @@ def armijo(
     done = ~active
     ok = torch.zeros_like(active)
     U_new, f_new = U, f
-    for _ in range(max_steps):
+    for step in range(max_steps):
         cand = U + alpha.unsqueeze(-1) * d
-        fc = problem.value(cand)
+        fc = first if (step == 0 and first is not None) else problem.value(cand)
         accept = ~done & torch.isfinite(fc) & (fc <= f + c * alpha * slope + slack)
         U_new = torch.where(accept.unsqueeze(-1), cand, U_new)
         f_new = torch.where(accept, fc, f_new)
@@ -312,26 +323,26 @@ class LBFGS(Solver):
     def minimize(self, problem: Problem, U0: Tensor) -> Solution:
         B, q = U0.shape
         m = self.history
-        S = U0.new_zeros(B, m, q)
-        Y = U0.new_zeros(B, m, q)
-        rho = U0.new_zeros(B, m)
+        S = U0.new_zeros(m, B, q)  # slot-major: S[j] is contiguous
+        Y = U0.new_zeros(m, B, q)
+        rho = U0.new_zeros(m, B)
         gamma = U0.new_ones(B)
         first = torch.ones(B, dtype=torch.bool, device=U0.device)
-        slot = [0]
+        slot, filled = [0], [0]
 
         def direction(lin, U, gnorm, active):
             g = lin.grad
-            r = g.clone()
-            order = [(slot[0] - 1 - j) % m for j in range(m)]  # newest first
-            alphas = {}
+            r = g
+            order = [(slot[0] - 1 - j) % m for j in range(filled[0])]  # newest first, stored pairs only
+            alphas = []
             for j in order:
-                a = rho[:, j] * (S[:, j] * r).sum(-1)
-                alphas[j] = a
-                r = r - a.unsqueeze(-1) * Y[:, j]
+                a = rho[j] * (S[j] * r).sum(-1)
+                alphas.append(a)
+                r = r - a.unsqueeze(-1) * Y[j]
             r = gamma.unsqueeze(-1) * r
-            for j in reversed(order):
-                b = rho[:, j] * (Y[:, j] * r).sum(-1)
-                r = r + (alphas[j] - b).unsqueeze(-1) * S[:, j]
+            for j, a in zip(reversed(order), reversed(alphas)):
+                b = rho[j] * (Y[j] * r).sum(-1)
+                r = r + (a - b).unsqueeze(-1) * S[j]
             # first step: a unit-length steepest-descent step, scaled by the gradient
             r = torch.where(first.unsqueeze(-1), g / gnorm.clamp_min(1.0).unsqueeze(-1), r)
             return -r, None
@@ -341,11 +352,12 @@ class LBFGS(Solver):
             yy = (y * y).sum(-1)
             good = stepped & (sy > torch.finfo(s.dtype).eps * s.norm(dim=-1) * y.norm(dim=-1))
             j = slot[0]
-            S[:, j] = torch.where(good.unsqueeze(-1), s, torch.zeros_like(s))
-            Y[:, j] = torch.where(good.unsqueeze(-1), y, torch.zeros_like(y))
-            rho[:, j] = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
+            S[j] = torch.where(good.unsqueeze(-1), s, torch.zeros_like(s))
+            Y[j] = torch.where(good.unsqueeze(-1), y, torch.zeros_like(y))
+            rho[j] = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
             gamma.copy_(torch.where(good, sy / torch.where(good, yy, torch.ones_like(yy)), gamma))
             first.copy_(first & ~good)
             slot[0] = (j + 1) % m
+            filled[0] = min(filled[0] + 1, m)
 
         return self._descend(problem, U0, direction, after_step)
