@@ -157,7 +157,7 @@ class FeatureDataset(Dataset):
                           f"and left out: {listed}{more}", UnreadableFileWarning, stacklevel=2)
         if not keep:
             raise ValueError("FeatureDataset: no readable feature entries"
-                             + (f" ({len(self.unreadable)} unreadable files)" if self.unreadable else ""))
+                             + (f"; {len(self.unreadable)} unreadable files: {listed}{more}" if self.unreadable else ""))
         self.items = [items[i] for i in keep]
         self.labels = y[keep]
         self.frame_counts: list[int] = [x.shape[0] if isinstance(x, Tensor) else shapes[i][0]

@@ -39,7 +39,7 @@ def _import_av():
     try:
         import av
     except ImportError as e:
-        raise ImportError("decoding video files needs PyAV (it bundles FFmpeg): pip install av") from e
+        raise ImportError("decoding video files needs PyAV (it bundles FFmpeg): pip install av", name="av") from e
     return av
 
 
@@ -245,6 +245,8 @@ class VideoFolder(Dataset):
                 stacklevel=2,
             )
 
+        if probe != "none":
+            _import_av()  # a missing PyAV is an installation problem, not a folder of bad files
         self.unreadable: dict[str, str] = {}
         self.samples: list[tuple[str, int]] = []
         self.frame_counts: list[int | None] = []
@@ -258,9 +260,9 @@ class VideoFolder(Dataset):
                     continue
             self.samples.append((path, label))
             self.frame_counts.append(count)
+        listed = "; ".join(f"{p} ({r})" for p, r in list(self.unreadable.items())[:5])
+        more = f"; and {len(self.unreadable) - 5} more" if len(self.unreadable) > 5 else ""
         if self.unreadable:
-            listed = "; ".join(f"{p} ({r})" for p, r in list(self.unreadable.items())[:5])
-            more = f"; and {len(self.unreadable) - 5} more" if len(self.unreadable) > 5 else ""
             warnings.warn(
                 f"VideoFolder: {len(self.unreadable)} of {len(found)} files under {str(root)!r} are unreadable "
                 f"and left out: {listed}{more}",
@@ -270,7 +272,7 @@ class VideoFolder(Dataset):
         if not self.samples:
             raise ValueError(
                 f"VideoFolder: no readable video files under {str(root)!r} (extensions {', '.join(exts)}"
-                + (f"; {len(self.unreadable)} unreadable" if self.unreadable else "") + ")"
+                + (f"; {len(self.unreadable)} unreadable: {listed}{more}" if self.unreadable else "") + ")"
             )
 
     @property
@@ -310,6 +312,8 @@ class VideoFolder(Dataset):
             raise UnreadableItemError(path, self.unreadable[path])
         try:
             frames = self._frames(path)
+        except ImportError:
+            raise
         except Exception as err:  # any decoding failure makes the file unreadable; it never stops training
             self.unreadable[path] = error_text(err)
             raise UnreadableItemError(path, self.unreadable[path]) from err

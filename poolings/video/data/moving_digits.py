@@ -52,7 +52,7 @@ def _digit_pool(split: str) -> tuple[Tensor, Tensor]:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - scikit-learn is a declared video dependency
         raise ImportError(
-            "MovingDigits needs scikit-learn's bundled digits: pip install scikit-learn"
+            "MovingDigits needs scikit-learn's bundled digits: pip install scikit-learn", name="sklearn"
         ) from e
     digits = load_digits()
     n = len(digits.target)
