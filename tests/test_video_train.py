@@ -400,3 +400,15 @@ def test_sync_bn_needs_cuda_under_ddp():
     from poolings.video.train import TrainConfig as Config
 
     assert Config(sync_bn=True).validate().sync_bn        # accepted; checked where the processes are known
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_on_cuda_uses_float16_and_a_gradient_scaler(tmp_path):
+    model = tiny_model("rank-full", num_classes=4, head_norm="layernorm")
+    seen = []
+    model.pooling.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    result = train(tiny_config(tmp_path, epochs=1, amp=True, device="cuda"), model=model)
+    assert set(seen) == {torch.float32} and math.isfinite(result.history[-1]["train_loss"])
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["scaler"]                                  # the scaler's state is saved for resuming

@@ -83,7 +83,8 @@ def _rgb(decoded: list, keep: Sequence[int], frame_size: tuple[int, int] | None)
 
 def _as_float(rgb: np.ndarray) -> Tensor:
     """uint8 ``(T, H, W, 3)`` -> float32 ``Tensor[T, 3, H, W]`` in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    rgb = np.ascontiguousarray(rgb) if rgb.flags.writeable else np.array(rgb)  # a cache entry is read-only
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
 
 
 def decode_video(
@@ -132,8 +133,9 @@ def probe_video(path: str | os.PathLike, level: str = "header") -> int | None:
 class FrameCache:
     """Decoded frames of video files, uint8 ``(T, H, W, 3)`` at one frame size, one ``.npy`` each.
 
-    An entry is keyed by the file's absolute path, size, modification time and the frame size,
-    so an edited video is decoded again. Entries are written to a temporary file and renamed,
+    An entry is keyed by the file's absolute path, size, modification time, the frame size and
+    which frames it keeps (every frame, for random sampling; the uniform sample's, which is the
+    same at every read), so an edited video is decoded again. Entries are written to a temporary file and renamed,
     so concurrent ``DataLoader`` workers never read half an entry. Cost: ``T·H·W·3`` bytes per
     video on disk (48 kB for 16 frames of 32×32).
     """
@@ -144,14 +146,15 @@ class FrameCache:
             raise NotADirectoryError(f"cache: {self.root} is a file, not a folder; give a folder path")
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def entry(self, path: str, frame_size: tuple[int, int] | None) -> Path:
+    def entry(self, path: str, frame_size: tuple[int, int] | None, frames: str = "all") -> Path:
+        """The file of ``path`` at ``frame_size``; ``frames`` names the frames kept (``"all"``, ``"uniform16"``)."""
         st = os.stat(path)
         size = "native" if frame_size is None else f"{frame_size[0]}x{frame_size[1]}"
-        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}"
-        return self.root / f"{hashlib.sha1(key.encode()).hexdigest()}_{size}.npy"
+        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}|{frames}"
+        return self.root / f"{hashlib.sha1(key.encode()).hexdigest()}_{size}_{frames}.npy"
 
-    def load(self, path: str, frame_size: tuple[int, int] | None) -> np.ndarray | None:
-        entry = self.entry(path, frame_size)
+    def load(self, path: str, frame_size: tuple[int, int] | None, frames: str = "all") -> np.ndarray | None:
+        entry = self.entry(path, frame_size, frames)
         if not entry.is_file():
             return None
         try:
@@ -159,8 +162,8 @@ class FrameCache:
         except (OSError, ValueError):  # a damaged entry: decode again
             return None
 
-    def store(self, path: str, frame_size: tuple[int, int] | None, rgb: np.ndarray) -> None:
-        entry = self.entry(path, frame_size)
+    def store(self, path: str, frame_size: tuple[int, int] | None, rgb: np.ndarray, frames: str = "all") -> None:
+        entry = self.entry(path, frame_size, frames)
         tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, np.ascontiguousarray(rgb, dtype=np.uint8), allow_pickle=False)
         os.replace(tmp, entry)
@@ -294,16 +297,24 @@ class VideoFolder(Dataset):
         return len(self.samples)
 
     def _frames(self, path: str) -> Tensor:
-        rgb = None if self.cache is None else self.cache.load(path, self.frame_size)
-        if rgb is None:
-            decoded = _decoded_frames(path)
-            if self.cache is None:  # convert only the frames kept
-                keep = sample_frame_indices(len(decoded), self.num_frames, self.sample)
-                return _as_float(_rgb(decoded, keep.tolist(), self.frame_size))
-            rgb = _rgb(decoded, range(len(decoded)), self.frame_size)
-            self.cache.store(path, self.frame_size, rgb)
-        keep = sample_frame_indices(rgb.shape[0], self.num_frames, self.sample)
-        return _as_float(rgb[keep.numpy()])
+        fixed = self.sample == "uniform" or self.num_frames is None  # the same frames at every read
+        kept = "all" if self.num_frames is None or not fixed else f"uniform{self.num_frames}"
+        if self.cache is not None:
+            rgb = self.cache.load(path, self.frame_size, kept)
+            if rgb is not None:
+                return _as_float(rgb if fixed else rgb[self._sample(rgb.shape[0]).numpy()])
+        decoded = _decoded_frames(path)
+        if self.cache is None or fixed:  # convert only the frames kept
+            rgb = _rgb(decoded, self._sample(len(decoded)).tolist(), self.frame_size)
+            if self.cache is not None:
+                self.cache.store(path, self.frame_size, rgb, kept)
+            return _as_float(rgb)
+        rgb = _rgb(decoded, range(len(decoded)), self.frame_size)  # random samples: cache every frame
+        self.cache.store(path, self.frame_size, rgb, kept)
+        return _as_float(rgb[self._sample(rgb.shape[0]).numpy()])
+
+    def _sample(self, n: int) -> Tensor:
+        return sample_frame_indices(n, self.num_frames, self.sample)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         i = _check_index(index, len(self))
