@@ -122,7 +122,7 @@ class Table1Config:
 
 def demo_config(out: str = "runs/demo", *, device: str = "auto", quiet: bool = False, seed: int = 0,
                 quick: bool = False, threads: int | None = None, overwrite: bool = False) -> Table1Config:
-    """The quick Table 1 run on the embedded MovingDigits data (about 1-2 minutes on a 2-core CPU).
+    """The quick Table 1 run on the embedded MovingDigits data (about 1-4 minutes on a 2-core CPU).
 
     Six motion classes in three time-reversal pairs (right/left, down/up, grow/shrink), 288
     training and 192 test videos of 8-16 frames of 32x32 pixels; a small CNN (p = 32) pretrained
