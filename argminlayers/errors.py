@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 
-class ConvergenceWarning(UserWarning):
-    """A forward solve (or an iterative backward solve) stopped before meeting its tolerance."""
+class _Report:
+    """Structured facts of a failed solve, beside the message: ``samples`` (indices), ``grad_norms``
+    (``‖∇f‖`` of each, or ``None``), ``statuses`` (codes of ``argminlayers.objective.STATUS_TEXT``)
+    and ``tol`` (the tolerance in force)."""
+
+    def __init__(self, message: str = "", *, samples=(), grad_norms=None, statuses=(), tol=None):
+        super().__init__(message)
+        self.samples, self.statuses, self.tol = list(samples), list(statuses), tol
+        self.grad_norms = None if grad_norms is None else list(grad_norms)
 
 
-class ConvergenceError(RuntimeError):
+class ConvergenceWarning(_Report, UserWarning):
+    """A forward solve (or an iterative backward solve) stopped before meeting its tolerance.
+    Its ``samples``, ``grad_norms``, ``statuses`` and ``tol`` attributes say which and why."""
+
+
+class ConvergenceError(_Report, RuntimeError):
     """Raised instead of :class:`ConvergenceWarning` when ``on_nonconvergence="raise"``."""
 
 

@@ -357,9 +357,11 @@ class ArgminLayer(nn.Module):
             f"the forward solve of {self.objective.describe()} did not converge for samples "
             f"{idx[:8]}{' ...' if len(idx) > 8 else ''}{gn}: {'. '.join(parts)}. Those samples get zero gradient."
         )
+        facts = dict(samples=idx, statuses=[int(sol.status[i]) for i in idx] if sol.status is not None else [],
+                     grad_norms=None if sol.grad_norm is None else sol.grad_norm[idx].tolist(), tol=tol)
         if self.on_nonconvergence == "raise" or bool(nonfinite.any()):
-            raise ConvergenceError(msg.removesuffix(" Those samples get zero gradient."))
-        warnings.warn(msg, ConvergenceWarning, stacklevel=_caller_stacklevel())
+            raise ConvergenceError(msg.removesuffix(" Those samples get zero gradient."), **facts)
+        warnings.warn(ConvergenceWarning(msg, **facts), stacklevel=_caller_stacklevel())
 
     # ------------------------------------------------------------------------ the backward
     def implicit_vjp(self, V: Tensor, mask: Tensor, sol: Solution, grad_u: Tensor, **inputs: Tensor) -> Tensor:

@@ -575,14 +575,22 @@ class ConvergenceLog:
         self._cm.__exit__(*exc)
         for w in self._records:
             if issubclass(w.category, ConvergenceWarning):
-                self._add(str(w.message))
+                self._add(w.message)
             elif (w.category, str(w.message)) not in self._shown:
                 self._shown.add((w.category, str(w.message)))
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         return False
 
-    def _add(self, text: str) -> None:
+    def _add(self, warning: Warning) -> None:
         self.solves += 1
+        samples, norms = getattr(warning, "samples", None), getattr(warning, "grad_norms", None)
+        if samples:  # the layer's own report: every sample and norm, not only the first few
+            self.samples += len(samples)
+            values = [x for x in (norms or []) if x == x]
+            if values:
+                self.worst = max(values + ([self.worst] if self.worst is not None else []))
+            return
+        text = str(warning)
         m = _SAMPLES.search(text)
         named = [x for x in m.group(1).split(",") if x.strip()] if m else []
         self.samples += max(len(named), 1)
