@@ -50,8 +50,11 @@ from .validation import check_inputs, resolve_mask, zero_padding
 
 _LAYER_OPTIONS = ("tol", "max_iter", "on_nonconvergence", "damping", "init", "batched")
 
-#: Largest ``q`` for which the default solver is dense Newton (beyond it: Newton-CG).
+#: The default solver is dense Newton while ``q ≤ DENSE_MAX_Q`` and the batched Hessian's work,
+#: ``V.numel() · q`` (``B·T·p·q``: ``q`` reverse passes over the data), stays below
+#: ``DENSE_MAX_WORK``; beyond, L-BFGS (gradients only). Measured on a 2-core CPU (docs/benchmarks.md).
 DENSE_MAX_Q = 32
+DENSE_MAX_WORK = 200_000
 
 
 class ArgminLayer(nn.Module):
@@ -66,7 +69,8 @@ class ArgminLayer(nn.Module):
             are the layer's own, and get gradients.
         solver: forward solver: ``"newton"``, ``"lbfgs"``, ``"newton_cg"`` or a
             :class:`~argminlayers.solvers.Solver`. ``None`` (default) uses the objective's own
-            ``solve`` when it has one, else dense Newton for ``q ≤ 32`` and Newton-CG beyond.
+            ``solve`` when it has one, else dense Newton for small problems (``q ≤ 32`` and
+            ``B·T·p·q ≤ 2·10⁵``) and L-BFGS beyond.
         backward: how ``H⁻¹ g`` is applied: ``"dense"``, ``"diagonal"``, ``"sherman_morrison"``,
             ``"woodbury"``, ``"cg"`` or a :class:`~argminlayers.strategies.Strategy`. ``None``
             (default): ``"woodbury"`` for objectives that declare low-rank structure, else
@@ -159,7 +163,7 @@ class ArgminLayer(nn.Module):
             self._auto_solver = False
         elif solver is None:
             self.solver, self._auto_solver = None, True
-            for name in ("newton", "newton_cg"):  # validate the options now, not at the first call
+            for name in ("newton", "lbfgs"):  # validate the options now, not at the first call
                 self._solvers[name] = get_solver(name, **self._solver_opts)
         else:
             if not isinstance(solver, str) and self._solver_opts:
@@ -206,9 +210,12 @@ class ArgminLayer(nn.Module):
             V = V.to(work)
             inputs = {k: (x.to(work) if isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16) else x)
                       for k, x in inputs.items()}
-        spec = _Call(names=names, params=tuple(params), captured=tuple(captured), validated=validated,
-                     lengths=lengths)
         tensors = (*inputs.values(), *params.values(), *captured.values())
+        # when a gradient will be asked for, the solver's records carry the graph back to V and
+        # the inputs, so that the backward reuses the last one instead of recording it again
+        track = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (V, *tensors))
+        spec = _Call(names=names, params=tuple(params), captured=tuple(captured), validated=validated,
+                     lengths=lengths, track=track)
         ctx = contextlib.nullcontext()
         if V.is_floating_point() and torch.is_autocast_enabled(V.device.type):
             ctx = torch.autocast(V.device.type, enabled=False)
@@ -231,10 +238,10 @@ class ArgminLayer(nn.Module):
         if isinstance(self.objective, FunctionObjective):
             self.objective.bind(tuple(inputs))
         with torch.no_grad():
-            sol, _ = self._solve(V.detach(), mask, {k: x.detach() for k, x in inputs.items()})
+            sol, _ = self._solve(V.detach(), {k: x.detach() for k, x in inputs.items()}, mask=mask)
         return sol
 
-    def _solve(self, V: Tensor, mask: Tensor, inputs: dict) -> tuple[Solution, Problem]:
+    def _solve(self, V: Tensor, inputs: dict, *, mask: Tensor) -> tuple[Solution, Problem]:
         objective = self.objective
         if getattr(objective, "sequence", False) and V.dim() != 3:
             raise ValueError(
@@ -273,7 +280,7 @@ class ArgminLayer(nn.Module):
     def _pick_solver(self, problem: Problem) -> Solver:
         if not self._auto_solver:
             return self.solver
-        return self._solvers["newton" if problem.q <= DENSE_MAX_Q else "newton_cg"]
+        return self._solvers["newton" if _dense_pays(problem) else "lbfgs"]
 
     def pick_strategy(self, problem: Problem, sol: Solution) -> Strategy:
         """The backward strategy of this call: the one asked for, or the default rule."""
@@ -283,7 +290,7 @@ class ArgminLayer(nn.Module):
         if objective.low_rank_hessian:
             return _auto_strategy("woodbury")
         hessian = getattr(sol.state, "hessian", None)
-        if hessian is not None or problem.q <= DENSE_MAX_Q:
+        if hessian is not None or _dense_pays(problem):
             return _auto_strategy("dense")
         jacobi = type(objective).hessian_diag is not Objective.hessian_diag
         return _auto_strategy("cg_jacobi" if jacobi else "cg")
@@ -292,8 +299,8 @@ class ArgminLayer(nn.Module):
         """An objective's own solve that reports no convergence is checked: ``‖∇f(u)‖`` must be
         small against ``‖∇f(0)‖`` (cheap, batched)."""
         U = sol.u.reshape(problem.batch, -1)
-        g = problem.linearize(U, sol.state, second_order=False).grad.norm(dim=-1)
-        g0 = problem.linearize(torch.zeros_like(U), second_order=False).grad.norm(dim=-1)
+        g = torch.linalg.vector_norm(problem.linearize(U, sol.state, second_order=False).grad, dim=-1)
+        g0 = torch.linalg.vector_norm(problem.linearize(torch.zeros_like(U), second_order=False).grad, dim=-1)
         tol = 1e-6 if U.dtype == torch.float64 else 1e-3
         ok = torch.isfinite(g) & (g <= tol * torch.where(torch.isfinite(g0), g0, torch.zeros_like(g0)).clamp_min(1.0))
         status = torch.where(ok, CONVERGED, NOT_STATIONARY)
@@ -304,8 +311,8 @@ class ArgminLayer(nn.Module):
         """First call: the objective must not modify its arguments, and every tensor that
         requires grad and that it reads must be one the layer can route gradients to."""
         objective = self.objective
-        V1 = problem.V[:1].clone()
-        inputs1 = {k: x[:1].clone() for k, x in problem.inputs.items()}
+        V1 = problem.V[:1].detach().clone()
+        inputs1 = {k: x[:1].detach().clone() for k, x in problem.inputs.items()}
         U1 = U0[:1].detach().clone()
         versions = [t._version for t in (V1, U1, *inputs1.values())]
         with torch.enable_grad():
@@ -388,8 +395,14 @@ class ArgminLayer(nn.Module):
         g = grad_u.reshape(B, -1)
         U = sol.u.reshape(B, -1)
         if not create_graph:
-            lin = problem.linearize(U.detach(), sol.state)
-            W = strategy.solve(lin.hessian.shifted(self.damping), g)
+            st = sol.state
+            lin = getattr(st, "linearization", None)
+            if lin is None or lin.V is not problem.V or any(lin.inputs.get(k) is not x for k, x in problem.inputs.items()):
+                lin = problem.linearize(U.detach(), st)  # no record on these leaves to reuse
+            H = lin.hessian
+            if getattr(st, "hessian", None) is not None and not lin._own_hessian:
+                H = st.hessian  # the forward's dense Hessian at this point, already factorised
+            W = strategy.solve(H.shifted(self.damping), g)
         else:
             fixed = Problem(problem.objective, problem.V.detach(), problem.mask,
                             {k: x.detach() for k, x in problem.inputs.items()}, problem.q_shape)
@@ -426,6 +439,11 @@ def _caller_stacklevel() -> int:
     return 1
 
 
+def _dense_pays(problem: Problem) -> bool:
+    """Whether the dense Hessian is cheap enough for the default rule (see ``DENSE_MAX_WORK``)."""
+    return problem.q <= DENSE_MAX_Q and problem.V.numel() * problem.q <= DENSE_MAX_WORK
+
+
 def _auto_strategy(name: str) -> Strategy:
     if name not in _AUTO:
         _AUTO[name] = CG(preconditioner="jacobi") if name == "cg_jacobi" else get_strategy(name)
@@ -433,6 +451,16 @@ def _auto_strategy(name: str) -> Strategy:
 
 
 _AUTO: dict[str, Strategy] = {}
+
+
+def _leaves(V: Tensor, inputs: dict, track: bool) -> tuple[Tensor, dict]:
+    """Detached copies of ``V`` and the inputs for the solve; leaves that require grad when the
+    solve's records should carry a graph back to them (``track``)."""
+    def leaf(x: Tensor) -> Tensor:
+        x = x.detach()
+        return x.requires_grad_(True) if track and x.is_floating_point() else x
+
+    return leaf(V), {k: leaf(x) for k, x in inputs.items()}
 
 
 def _check_shape(U: Any, B: int, V: Tensor, objective: Objective, where: str) -> None:
@@ -506,6 +534,7 @@ class _Call:
     captured: tuple[str, ...]  # captured tensors, in order
     validated: bool
     lengths: Any = None
+    track: bool = False
     sol: Solution | None = None
     problem: Problem | None = None
     ok: Tensor | None = None
@@ -526,7 +555,7 @@ class _ArgminFunction(torch.autograd.Function):
             mask = resolve_mask(V, mask, call.lengths, sequence=False)
             Vz = zero_padding(V, mask)
         check_inputs(inputs, Vz)
-        sol, problem = layer._solve(Vz.detach(), mask, {k: x.detach() for k, x in inputs.items()})
+        sol, problem = layer._solve(*_leaves(Vz, inputs, call.track), mask=mask)
         call.sol, call.problem, call.mask = sol, problem, mask
         conv = sol.converged
         call.ok = None if conv is None or bool(conv.all()) else conv
@@ -630,10 +659,12 @@ class _ImplicitPartials:
         call, need_t = self.call, self.need_t
         n_in, n_par = len(call.names), len(call.params)
         with torch.enable_grad():
-            Vb = V.detach().requires_grad_(self.need_v) if not create_graph else V
+            # the solve's own leaves when they track a graph (the record is then reused), else new ones
+            reuse = create_graph or (call.track and V.requires_grad)
+            Vb = V if reuse else V.detach().requires_grad_(self.need_v)
             inputs = {}
             for i, (k, x) in enumerate(zip(call.names, tensors[:n_in])):
-                inputs[k] = x if create_graph else x.detach().requires_grad_(need_t[i] and x.is_floating_point())
+                inputs[k] = x if reuse else x.detach().requires_grad_(need_t[i] and x.is_floating_point())
             wrt: dict[str, Tensor] = {"V": Vb} if self.need_v else {}
             keys: dict[int, str] = {}  # position in `tensors` → name in `wrt`
             for i, t in enumerate(tensors):

@@ -97,11 +97,13 @@ class Solution:
 
 @dataclass
 class SolverState:
-    """What a generic solver leaves in :attr:`Solution.state`: the Hessian operator it last
-    built at the returned point (e.g. a dense matrix with its Cholesky factor), which the
-    backward pass reuses instead of building it again."""
+    """What a generic solver leaves in :attr:`Solution.state`: its last linearization, at the
+    returned point, with the Hessian operator it built there (e.g. a dense matrix with its
+    Cholesky factor). The backward pass reuses both instead of building them again: when the
+    layer's inputs require grad, that record already holds the graph back to them."""
 
     hessian: HessianOperator | None = None
+    linearization: "Linearization | None" = None
 
 
 # ------------------------------------------------------------------------------ objectives

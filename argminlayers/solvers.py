@@ -42,6 +42,10 @@ from .problem import Problem
 _SOLVERS: dict[str, type["Solver"]] = {}
 
 
+def _norm(x: Tensor, dim: int = -1) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=dim)
+
+
 def default_tol(dtype: torch.dtype) -> float:
     """Relative gradient tolerance of the forward solvers for a dtype."""
     return 1e-11 if dtype == torch.float64 else 1e-5
@@ -89,7 +93,7 @@ class Solver:
         U = U0
         lin = problem.linearize(U, second_order=self.second_order)
         f, g = lin.value, lin.grad
-        gnorm = g.norm(dim=-1)
+        gnorm = _norm(g)
         finite = torch.isfinite(f) & torch.isfinite(gnorm)
         scale = torch.where(finite, gnorm, torch.zeros_like(gnorm)).clamp_min(1.0)
         status = torch.where(finite, MAX_ITER, NONFINITE)
@@ -100,12 +104,12 @@ class Solver:
             live = ~done
             d, pd = direction(lin, U, gnorm, live)
             if keep_hessian:
-                hessian = lin.hessian
+                hessian = getattr(lin, "factored", None)
             small_g = gnorm <= tol * scale
             if pd is None:  # gradient-only direction: the curvature is checked once, at the end
                 conv, saddle = live & small_g, torch.zeros_like(live)
             else:
-                small_d = d.norm(dim=-1) <= (tol**0.5) * U.norm(dim=-1).clamp_min(1.0)
+                small_d = _norm(d) <= (tol**0.5) * _norm(U).clamp_min(1.0)
                 conv = live & small_g & pd & small_d
                 saddle = live & small_g & ~pd
             status = torch.where(conv, CONVERGED, torch.where(saddle, NOT_MINIMUM, status))
@@ -117,14 +121,13 @@ class Solver:
             # the full step is recorded as the next linearization: when every sample takes it
             # (Newton near its solution), the line search costs no extra pass
             trial = problem.linearize(U + d, second_order=self.second_order)
-            U_new, f_new, ok = armijo(problem, U, f, g, d, active, first=trial.value)
-            lin = trial if bool((ok == active).all()) and bool(torch.equal(U_new, U + d)) else \
-                problem.linearize(U_new, second_order=self.second_order)
+            U_new, f_new, ok, full = armijo(problem, U, f, g, d, active, first=trial.value)
+            lin = trial if full else problem.linearize(U_new, second_order=self.second_order)
             g_new = lin.grad
             if after_step is not None:
                 after_step(U_new - U, g_new - g, active & ok)
             U, f, g = U_new, f_new, g_new
-            gnorm = g.norm(dim=-1)
+            gnorm = _norm(g)
             iters = iters + active.long()
             nonfinite = active & ~torch.isfinite(gnorm)
             stuck = active & ~ok
@@ -134,10 +137,10 @@ class Solver:
             # a gradient-only solver knows nothing of the curvature: check it where it stopped
             stopped = status == CONVERGED
             pd, dn = _curvature(lin, g, stopped)
-            flat = stopped & ~(pd & (dn <= (tol**0.5) * U.norm(dim=-1).clamp_min(1.0)))
+            flat = stopped & ~(pd & (dn <= (tol**0.5) * _norm(U).clamp_min(1.0)))
             status = torch.where(flat, NOT_MINIMUM, status)
         converged = status == CONVERGED
-        state = SolverState(hessian=hessian) if keep_hessian else None
+        state = SolverState(hessian=hessian, linearization=lin)
         return Solution(U, converged=converged, iterations=iters, grad_norm=gnorm, state=state, status=status)
 
 
@@ -151,7 +154,7 @@ def _curvature(lin: Linearization, g: Tensor, check: Tensor) -> tuple[Tensor, Te
     rhs = torch.where(check.unsqueeze(-1), g, torch.zeros_like(g))
     # a few steps suffice: a flat or negatively curved Krylov direction shows at once
     res = batched_cg(lin.hessian.matvec, rhs, tol=1e-3, max_iter=min(g.shape[-1], 3))
-    return ~(res.negative_curvature & check), torch.where(check, res.x.norm(dim=-1), dn)
+    return ~(res.negative_curvature & check), torch.where(check, _norm(res.x), dn)
 
 
 def register_solver(name: str) -> Callable[[type[Solver]], type[Solver]]:
@@ -199,23 +202,29 @@ def armijo(
     shrink: float = 0.5,
     max_steps: int = 40,
     first: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, bool]:
     """Batched backtracking line search: the first ``α ∈ {1, ½, ¼, …}`` with
     ``f(u + α d) ≤ f(u) + c α gᵀd`` (plus a rounding allowance), per sample.
 
-    ``first``: ``f(u + d)`` when the caller has it already. Returns ``(U_new, f_new, ok)``;
-    samples that are inactive, or find no step, keep ``U`` (``ok`` is ``False`` for the latter).
+    ``first``: ``f(u + d)`` when the caller has it already. Returns ``(U_new, f_new, ok, full)``;
+    samples that are inactive, or find no step, keep ``U`` (``ok`` is ``False`` for the latter);
+    ``full``: every active sample took the full step (``U_new = U + d``).
     """
-    slope = (g * d).sum(-1)
-    slack = 16 * torch.finfo(f.dtype).eps * f.abs()
-    alpha = torch.ones_like(f)
-    done = ~active
-    ok = torch.zeros_like(active)
-    U_new, f_new = U, f
-    for step in range(max_steps):
+    slope = torch.linalg.vecdot(g, d)
+    bound = f + 16 * torch.finfo(f.dtype).eps * f.abs()  # f plus a rounding allowance
+    cand = U + d
+    fc = problem.value(cand) if first is None else first
+    ok = active & torch.isfinite(fc) & (fc <= bound + c * slope)
+    if bool((ok == active).all()):
+        return cand, torch.where(ok, fc, f), ok, True
+    U_new = torch.where(ok.unsqueeze(-1), cand, U)
+    f_new = torch.where(ok, fc, f)
+    done = ~active | ok
+    alpha = torch.full_like(f, shrink)
+    for _ in range(max_steps - 1):
         cand = U + alpha.unsqueeze(-1) * d
-        fc = first if (step == 0 and first is not None) else problem.value(cand)
-        accept = ~done & torch.isfinite(fc) & (fc <= f + c * alpha * slope + slack)
+        fc = problem.value(cand)
+        accept = ~done & torch.isfinite(fc) & (fc <= bound + c * alpha * slope)
         U_new = torch.where(accept.unsqueeze(-1), cand, U_new)
         f_new = torch.where(accept, fc, f_new)
         ok = ok | accept
@@ -223,7 +232,7 @@ def armijo(
         if bool(done.all()):
             break
         alpha = torch.where(done, alpha, alpha * shrink)
-    return U_new, f_new, ok
+    return U_new, f_new, ok, False
 
 
 def damped_cholesky(H: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
@@ -266,7 +275,7 @@ class Newton(Solver):
             # the factor of H itself where it is positive definite (the backward reuses it), the
             # identity elsewhere: those samples are not minima and get no gradient
             eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-            lin._hessian = DenseHessian(H, torch.where(pd[:, None, None], L, eye))
+            lin.factored = DenseHessian(H, torch.where(pd[:, None, None], L, eye))
             d = -torch.cholesky_solve(lin.grad.unsqueeze(-1), L).squeeze(-1)
             return d, pd
 
@@ -335,14 +344,14 @@ class LBFGS(Solver):
             r = g
             order = [(slot[0] - 1 - j) % m for j in range(filled[0])]  # newest first, stored pairs only
             alphas = []
+            dot = torch.linalg.vecdot
             for j in order:
-                a = rho[j] * (S[j] * r).sum(-1)
+                a = (rho[j] * dot(S[j], r)).unsqueeze(-1)
                 alphas.append(a)
-                r = r - a.unsqueeze(-1) * Y[j]
+                r = r - a * Y[j]
             r = gamma.unsqueeze(-1) * r
             for j, a in zip(reversed(order), reversed(alphas)):
-                b = rho[j] * (Y[j] * r).sum(-1)
-                r = r + (a - b).unsqueeze(-1) * S[j]
+                r = r + (a - (rho[j] * dot(Y[j], r)).unsqueeze(-1)) * S[j]
             # first step: a unit-length steepest-descent step, scaled by the gradient
             r = torch.where(first.unsqueeze(-1), g / gnorm.clamp_min(1.0).unsqueeze(-1), r)
             return -r, None
@@ -350,7 +359,7 @@ class LBFGS(Solver):
         def after_step(s, y, stepped):
             sy = (s * y).sum(-1)
             yy = (y * y).sum(-1)
-            good = stepped & (sy > torch.finfo(s.dtype).eps * s.norm(dim=-1) * y.norm(dim=-1))
+            good = stepped & (sy > torch.finfo(s.dtype).eps * _norm(s) * _norm(y))
             j = slot[0]
             S[j] = torch.where(good.unsqueeze(-1), s, torch.zeros_like(s))
             Y[j] = torch.where(good.unsqueeze(-1), y, torch.zeros_like(y))
