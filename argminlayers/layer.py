@@ -224,8 +224,7 @@ class ArgminLayer(nn.Module):
         return U if U.dtype == out_dtype or not V.is_floating_point() else U.to(out_dtype)
 
     def _captured(self) -> dict[str, Tensor]:
-        fn = getattr(self.objective, "captured_tensors", None)
-        return fn() if fn is not None else {}
+        return self.objective.captured_tensors()
 
     # ------------------------------------------------------------------------ the solve
     def solve(self, V: Tensor, mask: Tensor | None = None, **inputs: Tensor) -> Solution:

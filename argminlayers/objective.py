@@ -239,6 +239,15 @@ class Objective(nn.Module):
         """
         return {name: None for name in wrt}
 
+    def captured_tensors(self) -> dict[str, Tensor]:
+        """Tensors that require grad and that the objective reads without registering them: plain
+        tensor attributes of the module (e.g. ``self.C = C`` for a ``C`` computed upstream), and
+        what its ``f`` reaches through the globals it names. They get gradients, as parameters do."""
+        found = {k: x for k, x in self.__dict__.items()
+                 if isinstance(x, Tensor) and x.requires_grad and not isinstance(x, nn.Parameter)}
+        found.update({k: x for k, x in _captured_tensors(type(self).f).items() if k not in found})
+        return found
+
     def describe(self) -> str:
         """A readable name for messages."""
         extra = self.extra_repr()
@@ -293,7 +302,9 @@ class FunctionObjective(Objective):
     def captured_tensors(self) -> dict[str, Tensor]:
         """Tensors that require grad and that ``fn`` reaches through its closure, the globals
         it names, its defaults or a ``functools.partial``: they get gradients too."""
-        return _captured_tensors(self.fn)
+        found = _captured_tensors(self.fn)
+        found.update({k: x for k, x in super().captured_tensors().items() if k not in found and k != "fn"})
+        return found
 
     def describe(self) -> str:
         return self.name

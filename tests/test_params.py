@@ -372,3 +372,17 @@ def test_wrong_init_and_solve_shapes_are_clear():
 
     with pytest.raises(ValueError, match=r"BadSolve\(\)\.solve returned shape \(4, 3\)"):
         ArgminLayer(BadSolve())(data())
+
+
+def test_tensor_attribute_of_an_objective_gets_its_gradient():
+    class Scaled(Objective):  # `self.s` is computed upstream: a plain attribute, not a parameter
+        def __init__(self, s):
+            super().__init__()
+            self.s = s
+
+        def f(self, v, u, mask):
+            return (self.s * torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum() + 0.5 * (u * u).sum()
+
+    V = data()
+    a = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: ArgminLayer(Scaled(a.exp()))(V), (a,))
