@@ -2,8 +2,12 @@
 
 ::
 
-    argminlayers bench strategies|references|limit|throughput|all [--quick] [--device cpu|cuda]
+    argminlayers bench strategies|references|limit|throughput|generic|all [--quick] [--device cpu|cuda]
                        [--dtype float32|float64] [--out docs/benchmarks] [--repeats N]
+
+``--dtype`` defaults to float32, except for ``generic``, which runs both dtypes unless one is
+named. A benchmark module may add options of its own (``add_arguments(parser)``) and read
+them back (``run_from_args(cfg, args)``).
 
 Each benchmark writes ``OUT/NAME.json``, ``OUT/NAME.md`` and ``OUT/NAME_*.png``; the index
 ``OUT.md`` (``docs/benchmarks.md``) is rewritten from the sections present.
@@ -27,15 +31,22 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     )
     parser.add_argument("benchmark", choices=(*BENCHMARKS, "all"), help="which benchmark to run")
     add_common_args(parser)
-    parser.set_defaults(func=run_command)
+    parser.set_defaults(func=run_command, dtype=None)  # None: the benchmark's own default
+    for name in BENCHMARKS:
+        extra = getattr(importlib.import_module(f"{__package__}.{name}"), "add_arguments", None)
+        if extra is not None:
+            extra(parser)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), "dtype": args.dtype or "float32"}))
     names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     for name in names:
         module = importlib.import_module(f"{__package__}.{name}")
-        module.run(cfg)
+        if hasattr(module, "run_from_args"):
+            module.run_from_args(cfg, args)
+        else:
+            module.run(cfg)
         print(f"{name}: wrote {cfg.out}/{name}.json, {name}.md and charts", flush=True)
     print(f"wrote {write_index(cfg.out)}")
     return 0
