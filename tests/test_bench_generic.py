@@ -90,6 +90,9 @@ def test_generic_subset_through_the_command_line(tmp_path):
     assert set(row["methods"]) == {"ours:defaults", "hand"}
     assert row["summary"]["over_hand"] > 0
     assert "## Generic objectives against the peers" in (tmp_path / "bench.md").read_text()
+    md = (out / "generic.md").read_text()
+    generic.render(out)  # the report is a function of the JSON alone
+    assert (out / "generic.md").read_text() == md
 
 
 def test_generic_skips_beyond_the_memory_cap(tmp_path, monkeypatch):

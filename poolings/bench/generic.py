@@ -30,6 +30,12 @@ process per method; jaxopt's compile time is reported apart from its run time.
 
 Beyond the caps a method is not run at a size (projected time or memory, with the figure), or
 run once and not repeated (its first call over the per-call cap): the output says which.
+
+The peers are optional (``bash scripts/setup_peers.sh``, or the ``peers`` extra); a missing one
+is reported as unavailable. To rerun a subset while tuning, e.g.::
+
+    python -m poolings.cli bench generic --only ours:defaults,hand,jaxopt --sizes 16x10x64,16x10x512 \
+        --objectives pseudo_huber --dtype float64 --no-first-call --out /tmp/bench
 """
 
 from __future__ import annotations
@@ -110,9 +116,12 @@ JAXOPT_MAXITER = 500
 # seconds / bytes: a first call over "call" is not repeated; a projection over "seconds" or
 # "bytes" is not run
 CAPS = {
-    "full": {"call": 2.0, "seconds": 8.0, "bytes": 6 * 2**30},
+    "full": {"call": 1.5, "seconds": 4.0, "bytes": 6 * 2**30},
     "quick": {"call": 5.0, "seconds": 20.0, "bytes": 2**30},
 }
+DEFAULTS_CAP_FACTOR = 3.0  # the defaults are what the goals are about: their time caps are wider
+ROUND_BUDGET = 10.0  # seconds of timed rounds per size: fewer rounds (never < 3) where a round is slow
+MIN_REPEATS = 3
 GOALS = {"torchopt": 1.0, "jaxopt": 3.0, "hand": 3.0, "named": 1.5, "first_call": 10.0}
 
 
@@ -299,8 +308,12 @@ class Measured:
             return None, None
         w, m = work(key[2], B, T, p), float(B * T * p * p)
         below = [pt for pt in pts if pt[0] <= w]
-        w0, m0, t0, b0 = max(below) if below else min(pts)
-        return t0 * w / w0, (b0 * m / m0 if b0 is not None else None)
+        w0, _, t0, _ = max(below) if below else min(pts)
+        with_bytes = [pt for pt in pts if pt[3] is not None]
+        below = [pt for pt in with_bytes if pt[1] <= m]
+        ref = max(below, key=lambda pt: pt[1]) if below else (min(with_bytes, key=lambda pt: pt[1])
+                                                              if with_bytes else None)
+        return t0 * w / w0, (ref[3] * m / ref[1] if ref is not None else None)
 
 
 # ------------------------------------------------------------------------------ run
@@ -358,17 +371,28 @@ def _run(cfg, dtypes, sizes, only, objectives, first_call) -> dict[str, Any]:
         try:
             worker = JaxWorker()
             versions.update({k: worker.info[k] for k in ("jax", "jaxlib", "jaxopt")})
-            env["jax_worker"] = {"python": _jax_python(), "import_seconds": worker.info["import_seconds"],
-                                 "xla_flags": worker.info["xla_flags"]}
+            env["jax_worker"] = {k: worker.info.get(k) for k in ("import_seconds", "xla_flags", "cpu_affinity")}
+            env["jax_worker"]["python"] = _jax_python()
         except (ImportError, OSError) as exc:
-            notes.append(f"jaxopt is unavailable: {exc}")
+            notes.append(f"jaxopt is unavailable: {exc} (bash scripts/setup_peers.sh installs it; JAX_PYTHON names "
+                         "another interpreter that has it)")
 
+    _warm_process(objectives, dtypes, only)
     measured = Measured()
     results = []
     todo = [(o, d, s, r) for o in objectives for d in dtypes for s, r in plan]
     try:
         for objective, dtype, size, role in progress(todo, desc=NAME, enabled=cfg.progress):
-            results.append(_one(cfg, objective, dtype, size, role, only, repeats, caps, measured, worker, notes))
+            t0 = time.perf_counter()
+            try:
+                results.append(_one(cfg, objective, dtype, size, role, only, repeats, caps, measured, worker, notes))
+            except Exception as exc:  # one size that fails is reported; the sweep goes on
+                results.append(_failed_row(objective, dtype, size, role, repeats, exc))
+                notes.append(f"{objective} {dtype} {size}: {type(exc).__name__}: {exc}"[:300])
+            results[-1]["wall_seconds"] = time.perf_counter() - t0
+            if cfg.progress:
+                print(f"{NAME}: {objective} {dtype} {_size(results[-1])}: {results[-1]['wall_seconds']:.1f} s",
+                      file=sys.stderr, flush=True)
         first = []
         if first_call:
             B, T, p = QUICK_FIRST_CALL_SIZE if cfg.quick else FIRST_CALL_SIZE
@@ -410,12 +434,22 @@ def _run(cfg, dtypes, sizes, only, objectives, first_call) -> dict[str, Any]:
         "results": results,
         "first_call": first,
     }
+    return _write(payload, output_dir(cfg))
+
+
+def _write(payload: dict[str, Any], out: Path) -> dict[str, Any]:
     payload["verdict"] = verdict(payload)
-    out = output_dir(cfg)
     write_json(out / f"{NAME}.json", payload)
     charts = _charts(payload, out)
-    write_markdown(out / f"{NAME}.md", TITLE, payload["command"], env, _markdown(payload, charts))
+    write_markdown(out / f"{NAME}.md", TITLE, payload["command"], payload["environment"], _markdown(payload, charts))
     return payload
+
+
+def render(out: "str | Path") -> dict[str, Any]:
+    """Rewrite ``OUT/generic.md``, its chart and its verdict from ``OUT/generic.json`` (no new
+    measurement: the tables of a run, regenerated after a change of the report)."""
+    out = Path(out)
+    return _write(json.loads((out / f"{NAME}.json").read_text()), out)
 
 
 def _command(cfg, dtypes, sizes, only, objectives, first_call) -> str:
@@ -471,10 +505,14 @@ def _one(cfg, objective, dtype, size, role, only, repeats, caps, measured: Measu
     row["grad_norm_at_init_max"] = float(gn0.max())
 
     runners: dict[str, Callable[[Stopwatch], None]] = {}
+    round_s = 0.0  # one round of the timed cases, from their first calls
     for method in _methods(role, only):
         entry: dict[str, Any] = {}
         row["methods"][method] = entry
         key = (objective, dtype, method)
+        mcaps = dict(caps)
+        if method == "ours:defaults":
+            mcaps.update(call=caps["call"] * DEFAULTS_CAP_FACTOR, seconds=caps["seconds"] * DEFAULTS_CAP_FACTOR)
         t_proj, b_proj = measured.project(key, B, T, p)
         b_static = static_bytes(method, B, T, p, itemsize)
         b_limit = b_static if b_static is not None else b_proj
@@ -487,8 +525,8 @@ def _one(cfg, objective, dtype, size, role, only, repeats, caps, measured: Measu
             entry.update(status="skipped", reason=f"memory {how} {fmt_bytes(b_limit)} > cap {fmt_bytes(caps['bytes'])}",
                          projected_bytes=b_limit, projected_seconds=t_proj)
             continue
-        if t_proj is not None and t_proj > caps["seconds"]:
-            entry.update(status="skipped", reason=f"projected {fmt_time(t_proj)} > cap {fmt_time(caps['seconds'])}",
+        if t_proj is not None and t_proj > mcaps["seconds"]:
+            entry.update(status="skipped", reason=f"projected {fmt_time(t_proj)} > cap {fmt_time(mcaps['seconds'])}",
                          projected_seconds=t_proj)
             continue
         if method == "jaxopt":
@@ -501,20 +539,18 @@ def _one(cfg, objective, dtype, size, role, only, repeats, caps, measured: Measu
             try:
                 fn = gm.make(method, objective, dt)
             except ImportError as exc:
-                entry.update(status="unavailable", reason=str(exc)[:300])
+                entry.update(status="unavailable", reason=f"{exc} (bash scripts/setup_peers.sh installs the peers)"[:300])
                 continue
             runner = _torch_runner(fn, V, W, G, weighted)
             caught: list[str] = []
             try:
                 t0 = time.perf_counter()
-                if method.startswith("ours:"):
-                    holder: list = []
-                    mem = peak_memory(lambda: holder.append(runner(None, caught)))
-                    U, dV, dW = holder[0]
-                    entry["memory"] = mem.bytes
-                else:
-                    U, dV, dW = runner(None, caught)
+                U, dV, dW = runner(None, caught)
                 first_s = time.perf_counter() - t0
+                # our memory, in a second untimed call (the profiler slows what it watches); for a
+                # named setting only where it is cheap
+                if method == "ours:defaults" or (method.startswith("ours:") and first_s <= mcaps["call"]):
+                    entry["memory"] = peak_memory(lambda: runner(None, None)).bytes
             except TypeError as exc:
                 if method.startswith("ours:") and weighted and "'w'" in str(exc):
                     entry.update(status="unsupported", reason=f"not supported by this version: {exc}"[:300])
@@ -530,11 +566,15 @@ def _one(cfg, objective, dtype, size, role, only, repeats, caps, measured: Measu
         measured.add(key, B, T, p, first_s, entry.get("memory"))
         if method in CHECK_ONLY:
             continue
-        if first_s > caps["call"]:
-            entry["over_cap"] = f"first call {fmt_time(first_s)} > {fmt_time(caps['call'])}: that one run is its time"
+        if first_s > mcaps["call"]:
+            entry["over_cap"] = f"first call {fmt_time(first_s)} > {fmt_time(mcaps['call'])}: that one run is its time"
             continue
         runners[method] = runner if method == "jaxopt" else (lambda sw, r=runner: r(sw, None))
+        round_s += first_s
 
+    if cfg.repeats is None and round_s * repeats > ROUND_BUDGET:
+        repeats = max(MIN_REPEATS, int(ROUND_BUDGET / max(round_s, 1e-9)))
+    row["repeats"] = repeats
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         timings = time_interleaved(runners, repeats=repeats, warmup=0) if runners else {}
@@ -551,6 +591,37 @@ def _one(cfg, objective, dtype, size, role, only, repeats, caps, measured: Measu
             worker.ask(op="drop", key="case")
         except RuntimeError:  # pragma: no cover
             pass
+    _summarise_row(row, dtype)
+    return row
+
+
+def _warm_process(objectives, dtypes, only) -> None:
+    """One untimed call of every torch method at a tiny size, so that the one-off costs of a
+    process (lazy imports, torch.func's first trace) land on no measured size: they are the
+    first-call latency, measured apart."""
+    methods = [m for m in [f"ours:{s}" for s in gm.ours_settings()] + ["hand", "unrolled", "torchopt:newton",
+                                                                           "torchopt:lbfgs"] if _selected(m, only)]
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for dtype in dtypes:
+            dt = getattr(torch, dtype)
+            V = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64).to(dt)
+            W = torch.ones(2, 5, dtype=dt)
+            G = torch.ones(2, 3, dtype=dt)
+            for objective in objectives:
+                for method in methods:
+                    try:
+                        _torch_runner(gm.make(method, objective, dt), V, W, G, objective != "pseudo_huber")(None, None)
+                    except Exception:  # noqa: BLE001 - a method that fails is reported at the measured sizes
+                        pass
+
+
+def _failed_row(objective, dtype, size, role, repeats, exc) -> dict[str, Any]:
+    B, T, p = size
+    row = {"objective": objective, "dtype": dtype, "B": B, "T": T, "p": p, "role": role, "repeats": repeats,
+           "reference_fd_error": None, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300],
+           "methods": {}}
     _summarise_row(row, dtype)
     return row
 
@@ -785,6 +856,16 @@ def _goal_sentence(rows, key, label, goal) -> str:
 
 
 def _memory_sentence(rows) -> str:
+    skipped = [r for r in rows if (r["methods"].get("ours:defaults") or {}).get("status") == "skipped"]
+    text = ""
+    if skipped:
+        text = (f"The defaults were not run at {len(skipped)} size(s): "
+                + "; ".join(f"{_size(r)}: {r['methods']['ours:defaults']['reason']}" for r in skipped[:4])
+                + (" …" if len(skipped) > 4 else "") + ". ")
+    return text + _memory_share(rows)
+
+
+def _memory_share(rows) -> str:
     big = [r for r in rows if r["summary"].get("memory_over_B_T_q2") is not None
            and r["summary"]["B_T_q2_bytes"] >= 64 * 2**20]
     if not big:
@@ -823,13 +904,18 @@ def _markdown(payload: dict[str, Any], charts: list[str]) -> str:
     parts = [
         "Forward + backward of each method on the same data (`walk` frames; weights in [0.5, 1.5)) and the same "
         "upstream gradient, one thread, medians of "
-        f"{s['repeats']} interleaved rounds after an untimed first call; every method starts at the mean of the "
+        "interleaved rounds after an untimed first call (our layer's memory: one more untimed call, under the "
+        "profiler); every method starts at the mean of the "
         f"frames and stops at `{s['stopping_rule']}` ({tols}). Gradients are compared with {s['gradient_reference']}; "
         f"a relative error above {s['grad_threshold']['float32']:g} (float32) or {s['grad_threshold']['float64']:g} "
         "(float64) on dL/dV (or dL/dW) flags the method (⚠) and it is not ranked. jaxopt runs in its own process "
         "(XLA on one thread), timed there with `block_until_ready`; its compile time is apart. "
         f"Caps: a first call over {fmt_time(s['caps']['call'])} is not repeated (1 run); a method projected over "
-        f"{fmt_time(s['caps']['seconds'])} or {fmt_bytes(s['caps']['bytes'])} is skipped, with the figure. "
+        f"{fmt_time(s['caps']['seconds'])} or {fmt_bytes(s['caps']['bytes'])} is skipped, with the figure "
+        f"(the defaults' time caps are {DEFAULTS_CAP_FACTOR:g}× wider); a projection scales the method's nearest "
+        "measured size below by B·T·p² + B·p³ (dense-Hessian methods) or B·T·p (time), and by B·T·p² (our memory). "
+        f"Rounds: {s['repeats']}, fewer (never below {MIN_REPEATS}) where a round is over {ROUND_BUDGET:g} s; "
+        "each table gives the count. "
         f"Versions: {', '.join(f'{k} {v}' for k, v in payload['environment'].get('versions', {}).items())}.",
     ]
     parts += [f"Note: {n}" for n in payload["notes"]]
@@ -847,7 +933,7 @@ def _markdown(payload: dict[str, Any], charts: list[str]) -> str:
 
 def _tables(objective: str, dtype: str, rs: list[dict]) -> str:
     out = [f"### {objective}, {dtype}"]
-    head = ["B × T × p", LABELS["ours:defaults"], LABELS["best_named"], LABELS["hand"], LABELS["torchopt"],
+    head = ["B × T × p", "rounds", LABELS["ours:defaults"], LABELS["best_named"], LABELS["hand"], LABELS["torchopt"],
             LABELS["jaxopt"] + " (compile)", LABELS["unrolled"], "defaults / torchopt", "defaults / jaxopt",
             "defaults / hand", "defaults / best named"]
     body = []
@@ -858,7 +944,7 @@ def _tables(objective: str, dtype: str, rs: list[dict]) -> str:
         best = sm.get("best_named")
         tor = sm.get("torchopt")
         body.append([
-            _size(r) + (" (hand size)" if r["role"] == "hand" else ""),
+            _size(r) + (" (hand size)" if r["role"] == "hand" else ""), r["repeats"],
             _cell(m.get("ours:defaults")),
             f"{fmt_time(sm['best_named_seconds'])} ({best.split(':', 1)[1]})" if best else "–",
             _cell(m.get("hand")),

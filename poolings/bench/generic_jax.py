@@ -33,7 +33,10 @@ import time
 
 
 def _configure() -> None:
-    # one thread, as the torch side: XLA's CPU client would otherwise use every core
+    """One core, as the torch side: XLA's CPU client would otherwise run on every core (it keeps
+    a few threads whatever its flags say, so the process is pinned to one core as well)."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     flags = os.environ.get("XLA_FLAGS", "")
     if "intra_op_parallelism_threads" not in flags:
         flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -127,7 +130,8 @@ def serve() -> None:
     from importlib.metadata import version
 
     hello = {"ok": True, "jax": jax.__version__, "jaxlib": version("jaxlib"), "jaxopt": version("jaxopt"),
-             "import_seconds": time.perf_counter() - t0, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+             "import_seconds": time.perf_counter() - t0, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+             "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
     print(json.dumps(hello), flush=True)
     cases: dict = {}
     for line in sys.stdin:

@@ -148,6 +148,7 @@ class _HandNewton(torch.autograd.Function):
     def forward(ctx, V, W, objective, tol, max_iter):
         U = mean_init(V)
         thresh = None
+        prev = math.inf
         for _ in range(max_iter + 1):
             D, s, a, c, g = _closed_form(objective, V, U, W)
             L = torch.linalg.cholesky(_closed_hessian(D, a, c))
@@ -156,6 +157,10 @@ class _HandNewton(torch.autograd.Function):
                 thresh = _stop_threshold(gn, tol)
             if bool((gn <= thresh).all()):
                 break
+            worst = float((gn / thresh).max())
+            if worst < 1e4 and worst > 0.5 * prev:  # within rounding of tol and no longer shrinking: done
+                break
+            prev = worst
             U = U - torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
         else:
             raise RuntimeError(f"hand-written Newton did not converge in {max_iter} iterations "
