@@ -1007,12 +1007,18 @@ def _first_call_table(entries: list[dict]) -> str:
 
 # -------------------------------------------------------------------------- charts
 def _charts(payload: dict[str, Any], out: Path) -> list[str]:
+    """One chart per objective (``generic_OBJECTIVE.png``): a row per dtype, times and ratios."""
+    names = []
+    for objective in payload["settings"]["objectives"]:
+        combos = [(objective, d) for d in payload["settings"]["dtypes"]
+                  if any(r["objective"] == objective and r["dtype"] == d for r in payload["results"])]
+        if combos:
+            names.append(_chart(payload, out, objective, combos))
+    return names
+
+
+def _chart(payload: dict[str, Any], out: Path, objective: str, combos) -> str:
     plt = plt_module()
-    s = payload["settings"]
-    combos = [(o, d) for o in s["objectives"] for d in s["dtypes"]
-              if any(r["objective"] == o and r["dtype"] == d for r in payload["results"])]
-    if not combos:
-        return []
     fig, axes = plt.subplots(len(combos), 2, figsize=(11, 3.2 * len(combos)), squeeze=False)
     series = [("ours:defaults", "C0"), ("best_named", "C9"), ("hand", "C2"), ("torchopt", "C1"),
               ("jaxopt", "C3"), ("unrolled", "C7")]
@@ -1051,9 +1057,9 @@ def _charts(payload: dict[str, Any], out: Path) -> list[str]:
         ax.legend(fontsize=6, loc="upper left")
         if axr.get_lines():
             axr.legend(fontsize=6, loc="upper left")
-    name = f"{NAME}.png"
+    name = f"{NAME}_{objective}.png"
     save_figure(fig, out / name)
-    return [name]
+    return name
 
 
 # ------------------------------------------------------------------------------ CLI
