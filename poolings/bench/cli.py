@@ -2,7 +2,7 @@
 
 ::
 
-    argminlayers bench strategies|references|limit|throughput|all [--quick] [--device cpu|cuda]
+    argminlayers bench strategies|references|limit|throughput|generic|all [--quick] [--device cpu|cuda]
                        [--dtype float32|float64] [--out runs/bench | --publish] [--overwrite]
                        [--repeats N] [--threads N]
 
@@ -11,6 +11,10 @@ Each benchmark writes ``OUT/NAME.json``, ``OUT/NAME.md`` and ``OUT/NAME_*.png``,
 ``--publish`` (or ``--out docs/benchmarks``) writes into the repository's ``docs/benchmarks`` and
 regenerates ``docs/benchmarks.md``. Results of the same benchmark already in OUT are replaced
 only with ``--overwrite`` (or when publishing).
+
+``--dtype`` defaults to float32, except for ``generic``, which runs both dtypes unless one is
+named. A benchmark module may add options of its own (``add_arguments(parser)``) and read
+them back (``run_from_args(cfg, args)``).
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     )
     parser.add_argument("benchmark", choices=(*BENCHMARKS, "all"), help="which benchmark to run")
     add_common_args(parser)
-    parser.set_defaults(func=run_command)
+    parser.set_defaults(func=run_command, dtype=None)  # None: the benchmark's own default
+    for name in BENCHMARKS:
+        extra = getattr(importlib.import_module(f"{__package__}.{name}"), "add_arguments", None)
+        if extra is not None:
+            extra(parser)
 
 
-def run_benchmarks(cfg, names: Sequence[str], *, overwrite: bool = False) -> int:
+def run_benchmarks(cfg, names: Sequence[str], *, overwrite: bool = False, args: argparse.Namespace | None = None) -> int:
     """Run ``names`` with ``cfg``, refusing to replace earlier results without ``overwrite``; write the index."""
     from pathlib import Path
 
@@ -49,16 +57,19 @@ def run_benchmarks(cfg, names: Sequence[str], *, overwrite: bool = False) -> int
                                   "replace them, or choose another --out")
     for name in names:
         module = importlib.import_module(f"{__package__}.{name}")
-        module.run(cfg)
+        if args is not None and hasattr(module, "run_from_args"):
+            module.run_from_args(cfg, args)
+        else:
+            module.run(cfg)
         print(f"{name}: wrote {Path(cfg.out) / name}.json, {name}.md and charts", flush=True)
     print(f"wrote {write_index(cfg.out)}")
     return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), "dtype": args.dtype or "float32"}))
     names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
-    return run_benchmarks(cfg, names, overwrite=args.overwrite)
+    return run_benchmarks(cfg, names, overwrite=args.overwrite, args=args)
 
 
 def main(argv: list[str] | None = None) -> int:

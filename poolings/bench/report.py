@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-BENCHMARKS = ("strategies", "references", "limit", "throughput")
+BENCHMARKS = ("strategies", "references", "limit", "throughput", "generic")
 
 INTRO = """\
 # Benchmarks
