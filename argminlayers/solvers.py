@@ -153,7 +153,7 @@ def _curvature(lin: Linearization, g: Tensor, check: Tensor) -> tuple[Tensor, Te
         return pd, dn
     rhs = torch.where(check.unsqueeze(-1), g, torch.zeros_like(g))
     # a few steps suffice: a flat or negatively curved Krylov direction shows at once
-    res = batched_cg(lin.hessian.matvec, rhs, tol=1e-3, max_iter=min(g.shape[-1], 3))
+    res = batched_cg(lin.hessian.matvec, rhs, tol=1e-3, max_iter=min(g.shape[-1], 2))
     return ~(res.negative_curvature & check), torch.where(check, _norm(res.x), dn)
 
 
