@@ -80,6 +80,12 @@ class Multipliers:
         """``(λ, μ)``, ``(B, m + k)``."""
         return torch.cat((self.eq, self.ineq), dim=-1)
 
+    def select(self, idx: Tensor) -> "Multipliers":
+        """The samples ``idx`` of the batch."""
+        return Multipliers(*(None if x is None else x[idx] for x in (self.eq, self.ineq, self.active,
+                                                                      self.weakly_active, self.kkt_residual,
+                                                                      self.violation)))
+
 
 def _tolerances(dtype: torch.dtype) -> tuple[float, float]:
     """``(check, degenerate)``: the relative KKT tolerance of an own solve's check, and the
@@ -131,9 +137,10 @@ class _Part:
     def one(self, v: Tensor, u: Tensor, mask: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
         if self.names is not None:
             inputs = {k: inputs[k] for k in self.names}
-        if not self.uses_mask:
-            return self.fn(v, u, **inputs)
-        return self.fn(v, u, mask, **inputs)
+        out = self.fn(v, u, **inputs) if not self.uses_mask else self.fn(v, u, mask, **inputs)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{self.name} must return a tensor of shape (n,) per sample, got {type(out).__name__}")
+        return out
 
     def values(self, V: Tensor, U: Tensor, mask: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
         """``(B, n)``: ``vmap`` of the per-sample function (no transform for ``B = 1``), or the fast path."""
@@ -262,7 +269,7 @@ class ConstraintSet:
         C = kl.values
         h, g = self.split(C)
         m, k = h.shape[1], g.shape[1]
-        gf = kl.lin.grad
+        gf = kl.objective_terms[1]
         _, tau = _tolerances(U.dtype)
         tau_g = tau * U.norm(dim=-1).clamp_min(1.0)  # (B,)
         tau_mu = tau * gf.norm(dim=-1).clamp_min(1.0)
@@ -389,7 +396,9 @@ class KKTLinearization:
     ``f``'s part comes from the objective's :class:`~argminlayers.Linearization` (its fast paths
     are used); the constraints' part from one record of ``c(U)`` and ``G_c = ∇_U Σ_b ν_b·c_b``
     with ``create_graph``, at the same leaf as ``f``'s record when ``f`` has no Hessian of its
-    own (then ``H x`` is one replayed reverse pass through both).
+    own (then ``H x`` is one replayed reverse pass through both). The multipliers may be set
+    after the values and the Jacobian are read, before the Hessian (the solver estimates them from
+    the Jacobian).
 
     Args:
         U: flat ``(B, q)``.
@@ -405,49 +414,61 @@ class KKTLinearization:
         obj = problem.objective
         cls = type(obj)
         self._joint = cls.hessian is Objective.hessian and cls.hvp is Objective.hvp
-        self._record: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self._record: tuple[Tensor, Tensor] | None = None
+        self._gc: Any = None
         self._hessian: HessianOperator | None = None
 
     @property
     def nu(self) -> Tensor:
         """The multipliers ``(B, m + k)``; they may be set until the Hessian or ``∇_u L`` is first used."""
         if self._nu is None:
-            n = self.record(graph=False)[1].shape[1]
-            self._nu = self.U.new_zeros(self.U.shape[0], n)
+            self._nu = self.U.new_zeros(self.U.shape[0], self.record()[1].shape[1])
         return self._nu
 
     @nu.setter
     def nu(self, value: Tensor) -> None:
-        if self._hessian is not None or (self._record is not None and self._record[2] is not None):
+        if self._hessian is not None or self._gc is not None:
             raise RuntimeError("the multipliers of a KKTLinearization are fixed once its Hessian or gradient is used")
         self._nu = value
 
-    def record(self, graph: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(Ur, C, G_c)``: the point (a leaf), ``c(Ur)`` ``(B, m + k)`` and ``∇_U Σ_b ν_b·c_b`` with their
-        graphs (``G_c`` is ``None`` when ``c`` does not depend on ``u`` or ``graph`` is False)."""
-        if self._record is None or (graph and self._record[2] is None and self._nu is not None):
+    def record(self) -> tuple[Tensor, Tensor]:
+        """``(Ur, C)``: the point (a leaf; ``f``'s own record's when ``f`` has no Hessian of its own) and
+        ``c(Ur)`` ``(B, m + k)`` with its graph."""
+        if self._record is None:
             p = self.problem
             with torch.enable_grad():
-                if self._joint:
-                    Ur = self.lin.record()[1]
-                else:
-                    Ur = p.shaped(self.U).detach().requires_grad_(True)
+                Ur = self.lin.record()[1] if self._joint else p.shaped(self.U).detach().requires_grad_(True)
                 C = self.cons.values(p.V, Ur, p.mask, p.inputs)
-                Gc = None
-                if graph and self._nu is not None and C.requires_grad and C.shape[1]:
-                    (Gc,) = torch.autograd.grad((C * self._nu).sum(), Ur, create_graph=True, allow_unused=True)
-            self._record = (Ur, C, Gc)
+            self._record = (Ur, C)
         return self._record
+
+    @property
+    def objective_terms(self) -> tuple[Tensor, Tensor]:
+        """``(f, ∇_u f)``, ``(B,)`` and flat ``(B, q)``, from the same record as the constraints."""
+        self.record()
+        return self.lin.value, self.lin.grad
+
+    def constraint_gradient(self) -> Tensor | None:
+        """``G_c = ∇_U Σ_b ν_b·c_b`` with its graph, ``(B, *q_shape)`` (``None`` when ``c`` does not depend on ``u``)."""
+        if self._gc is None:
+            Ur, C = self.record()
+            if C.requires_grad and C.shape[1]:
+                with torch.enable_grad():
+                    (self._gc,) = torch.autograd.grad((C * self.nu).sum(), Ur, create_graph=True, retain_graph=True,
+                                                      allow_unused=True)
+            if self._gc is None:
+                self._gc = False  # computed: nothing there
+        return self._gc if self._gc is not False else None
 
     @property
     def values(self) -> Tensor:
         """``c = (h, g)``, ``(B, m + k)``, detached."""
-        return self.record(graph=False)[1].detach()
+        return self.record()[1].detach()
 
     def jacobian(self, rows: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
         """Rows of ``J = ∂c/∂u``: all ``m + k`` (``rows=None``), or ``rows: (B, r)`` indices with
         ``valid: (B, r)`` (invalid rows zero); ``(B, r, q)``, one batched reverse pass."""
-        Ur, C, _ = self.record(graph=False)
+        Ur, C = self.record()
         B, n = C.shape
         q = self.U.shape[1]
         if rows is None:
@@ -469,8 +490,8 @@ class KKTLinearization:
     @property
     def grad(self) -> Tensor:
         """``∇_u L = ∇_u f + Jᵀν``, flat ``(B, q)``."""
-        _, _, Gc = self.record()
-        g = self.lin.grad
+        Gc = self.constraint_gradient()
+        g = self.objective_terms[1]
         return g if Gc is None else g + Gc.detach().reshape(g.shape)
 
     @property
@@ -486,13 +507,13 @@ class KKTLinearization:
             elif self.cons.linear:
                 self._hessian = self.lin.hessian
             elif self._joint:
-                Ur, _, Gc = self.record()
+                Ur, Gc = self.record()[0], self.constraint_gradient()
                 Gf = self.lin.record()[2]
                 with torch.enable_grad():  # the sum keeps the graph of both records
                     G = Gc if Gf is None else (Gf if Gc is None else Gf + Gc)
                 self._hessian = AutogradHessian(Ur, G)
             else:
-                Ur, _, Gc = self.record()
+                Ur, Gc = self.record()[0], self.constraint_gradient()
                 self._hessian = _SumHessian(self.lin.hessian, AutogradHessian(Ur, Gc))
         return self._hessian
 
@@ -502,7 +523,8 @@ class KKTLinearization:
         out = dict(self.lin.vjp(W, wrt))
         if not wrt:
             return out
-        Ur, C, Gc = self.record()
+        Ur, C = self.record()
+        Gc = self.constraint_gradient()
         outs, gos = [], []
         if Gc is not None and Gc.requires_grad:
             outs.append(Gc)
@@ -531,6 +553,17 @@ def implicit_grads(layer: Any, problem: Any, sol: Solution, grad_u: Tensor, wrt:
     g = grad_u.reshape(B, -1)
     U = sol.u.reshape(B, -1).detach()
     mult: Multipliers = sol.multipliers
+    ok = sol.converged
+    if ok is not None and not bool(ok.all()):
+        # samples that are not minima get no gradient: the KKT system is solved for the others alone
+        # (theirs may be singular), on slices of the same tensors, so the gradients reach the whole batch
+        if not bool(ok.any()):
+            return {k: torch.zeros_like(x) for k, x in wrt.items()}
+        idx = ok.nonzero().flatten()
+        problem = type(problem)(problem.objective, problem.V[idx], problem.mask[idx],
+                                {k: x[idx] for k, x in problem.inputs.items()}, problem.q_shape, cons)
+        B, g, U, mult = len(idx), g[idx], U[idx], mult.select(idx)
+        sol = Solution(U, converged=ok[idx], multipliers=mult)
     nu = mult.stacked()
     rows, valid = compact(cons.active_rows(sol, B, U.device))
     kl = KKTLinearization(problem, U, nu, sol.state)

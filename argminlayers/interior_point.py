@@ -18,7 +18,10 @@ where the full step is rejected. ``τ`` decreases per sample, superlinearly
 (``min(τ/5, τ^1.5)``), once the barrier problem is solved to ``10τ``. Without inequalities this
 is Newton's method on the KKT system of the equalities (SQP).
 
-A sample has converged when ``‖∇_u L‖ ≤ tol · max(1, ‖∇f(u₀)‖)``, the violation
+A sample whose violation stops falling (by 0.1 % in 15 iterations) is reported ``INFEASIBLE``.
+Where ``H + J_gᵀ D J_g`` is not positive definite, ``c J_hᵀJ_h`` is added (the same step, since
+``J_h Δu = −h``) before damping, so that a Hessian positive definite on the tangent space of
+the equalities keeps exact Newton steps. A sample has converged when ``‖∇_u L‖ ≤ tol · max(1, ‖∇f(u₀)‖)``, the violation
 ``max(|h|, g₊) ≤ tol · max(1, |c(u₀)|)``, ``max s z ≤ tol · max(1, ‖∇f(u₀)‖)``, and the Hessian
 of the Lagrangian is positive definite on the tangent space of the active constraints
 (else ``NOT_MINIMUM``). A sample that stops otherwise while its constraints are violated is
@@ -60,9 +63,31 @@ class InteriorPoint(Solver):
     """
 
     handles_constraints = True
+    patience = 15  # iterations without progress on the violation before a sample is reported infeasible
 
     def __init__(self, tol: float | None = None, max_iter: int = 200):
         super().__init__(tol, max_iter)
+
+    @staticmethod
+    def _augmentation(M: Tensor, Jh: Tensor, live: Tensor) -> Tensor:
+        """``c`` ``(B,)``: 0 where ``M`` is positive definite, else the smallest of ``max|M_ii| · 10^j``
+        (``j = 0..7``) that makes ``M + c J_hᵀJ_h`` so (0 where none does: damping takes over)."""
+        _, info = torch.linalg.cholesky_ex(M)
+        fail = (info > 0) & live
+        c = M.new_zeros(M.shape[0])
+        if not bool(fail.any()):
+            return c
+        JtJ = torch.bmm(Jh.transpose(1, 2), Jh)
+        base = M.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1.0)
+        for j in range(8):
+            trial = base * 10.0**j
+            _, info = torch.linalg.cholesky_ex(M + trial[:, None, None] * JtJ)
+            ok = fail & (info == 0)
+            c = torch.where(ok, trial, c)
+            fail = fail & ~ok
+            if not bool(fail.any()):
+                break
+        return c
 
     def minimize(self, problem: Problem, U0: Tensor) -> Solution:
         cons = problem.constraints
@@ -86,11 +111,12 @@ class InteriorPoint(Solver):
         status = torch.full((B,), MAX_ITER, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         iters = torch.zeros(B, dtype=torch.long, device=dev)
-        scale = cscale = None
+        scale = cscale = best = since = None
         kl = None
         for it in range(self.max_iter + 1):
             kl = KKTLinearization(problem, U, None)
-            f, gf, C = kl.lin.value, kl.lin.grad, kl.values
+            C = kl.values
+            f, gf = kl.objective_terms
             J = kl.jacobian()  # (B, m + k, q)
             h, g = C[:, :m], C[:, m:]
             Jh, Jg = J[:, :m], J[:, m:]
@@ -117,6 +143,15 @@ class InteriorPoint(Solver):
             conv = ~done & (opt <= tol) & (viol <= tol * cscale) & (comp <= tol * scale)
             status = torch.where(conv, CONVERGED, status)
             done = done | conv
+            # infeasible: the violation has not fallen by 0.1 % in `patience` iterations
+            if best is None:
+                best, since = viol, torch.zeros_like(iters)
+            better = viol < 0.999 * best
+            best = torch.where(better, viol, best)
+            since = torch.where(better, 0, since + 1)
+            stalled = ~done & (since >= self.patience) & (viol > 1e3 * tol * cscale)
+            status = torch.where(stalled, INFEASIBLE, status)
+            done = done | stalled
             if it == self.max_iter or bool(done.all()):
                 break
             live = ~done
@@ -130,7 +165,12 @@ class InteriorPoint(Solver):
             H = kl.hessian.dense()
             M = H + torch.bmm(Jg.transpose(1, 2) * D.unsqueeze(1), Jg)
             rhs = -rd - _bmv(Jg.transpose(1, 2), D * ri - z + tau.unsqueeze(-1) / s) if k else -rd
-            L, _ = damped_cholesky(0.5 * (M + M.transpose(1, 2)), live)
+            M = 0.5 * (M + M.transpose(1, 2))
+            if m:  # H + c J_hᵀJ_h is positive definite for a large c when H is so on null(J_h): the same step
+                c = self._augmentation(M, Jh, live)
+                M = M + c[:, None, None] * torch.bmm(Jh.transpose(1, 2), Jh)
+                rhs = rhs - c.unsqueeze(-1) * _bmv(Jh.transpose(1, 2), h)
+            L, _ = damped_cholesky(M, live)
             Y = torch.cholesky_solve(torch.cat((rhs.unsqueeze(-1), Jh.transpose(1, 2)), -1), L)
             Mr, MJ = Y[..., 0], Y[..., 1:]
             if m:

@@ -118,8 +118,7 @@ def tangent_positive_definite(H: Tensor, jac: ConstraintJacobian) -> Tensor:
     B, q, _ = H.shape
     eye = torch.eye(q, dtype=H.dtype, device=H.device)
     if jac.rows:
-        X = torch.linalg.solve(jac.pad_identity(torch.bmm(jac.J, jac.J.transpose(1, 2))), jac.J)  # (B, r, q)
-        P = eye - torch.bmm(jac.J.transpose(1, 2), X)
+        P = eye - torch.bmm(torch.linalg.pinv(jac.J), jac.J)  # dependent or padded rows: the pseudo-inverse
     else:
         P = eye.expand(B, q, q)
     gamma = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(torch.finfo(H.dtype).tiny)

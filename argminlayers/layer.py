@@ -361,7 +361,7 @@ class ArgminLayer(nn.Module):
                 "Compute on new tensors "
                 "(e.g. v = v * 2 instead of v *= 2)"
             )
-        for out in outs:
+        for i, out in enumerate(outs):
             if not (isinstance(out, Tensor) and out.requires_grad):
                 continue
             known = {id(p) for p in objective.parameters()} | {id(t) for t in self._captured().values()}
@@ -370,8 +370,9 @@ class ArgminLayer(nn.Module):
             if hidden:
                 t = hidden[0]
                 kind = "an nn.Parameter" if isinstance(t, nn.Parameter) else "a tensor"
+                who = f"objective {objective.describe()}" if i == 0 else f"{problem.constraints}"
                 raise CapturedTensorError(
-                    f"objective {objective.describe()} captures {kind} that requires grad (shape "
+                    f"{who} captures {kind} that requires grad (shape "
                     f"{tuple(t.shape)}, {t.dtype}) through something the layer cannot see, so its gradient "
                     "would be lost. Pass it as a keyword input instead, layer(V, name=tensor) with the "
                     "objective taking a `name` argument, or make it a parameter of an Objective (an nn.Module)"
