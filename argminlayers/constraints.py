@@ -372,7 +372,7 @@ def scatter_rows(x: Tensor, rows: Tensor, valid: Tensor, n: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ linearization
-class _SumHessian(HessianOperator):
+class SumHessian(HessianOperator):
     """``A + B`` of two operators (the objective's Hessian and the constraints' curvature ``Σ ν_i ∇²c_i``)."""
 
     def __init__(self, a: HessianOperator, b: HessianOperator):
@@ -514,7 +514,7 @@ class KKTLinearization:
                 self._hessian = AutogradHessian(Ur, G)
             else:
                 Ur, Gc = self.record()[0], self.constraint_gradient()
-                self._hessian = _SumHessian(self.lin.hessian, AutogradHessian(Ur, Gc))
+                self._hessian = SumHessian(self.lin.hessian, AutogradHessian(Ur, Gc))
         return self._hessian
 
     def vjp(self, W: Tensor, Z: Tensor | None, wrt: Mapping[str, Tensor]) -> dict[str, Tensor | None]:

@@ -30,10 +30,12 @@ reported ``INFEASIBLE``. Dense: ``O(q³ + (m + k) q²)`` per iteration, for smal
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from .constraints import KKTLinearization, compact
+from .constraints import KKTLinearization, compact, scatter_rows
 from .kkt import ConstraintJacobian, tangent_positive_definite
 from .objective import CONVERGED, INFEASIBLE, MAX_ITER, NO_DESCENT, NONFINITE, NOT_MINIMUM, Solution
 from .problem import Problem
@@ -242,9 +244,7 @@ class InteriorPoint(Solver):
         mult, _ = cons.report(problem, U, lam, mu)
         conv = status == CONVERGED
         if bool(conv.any()):
-            rows, valid = compact(cons.active_rows(Solution(U, multipliers=mult), B, dev))
-            kl = KKTLinearization(problem, U, mult.stacked())
-            pd = tangent_positive_definite(kl.hessian.dense(), ConstraintJacobian(kl.jacobian(rows, valid), valid))
+            U, mult, pd = self._polish(problem, U, mult, conv)
             status = torch.where(conv & ~pd, NOT_MINIMUM, status)
         tol_c = tol * (cscale if cscale is not None else U.new_ones(B))
         infeasible = (status != CONVERGED) & (status != NONFINITE) & (mult.violation > 1e3 * tol_c)
@@ -252,6 +252,44 @@ class InteriorPoint(Solver):
         mult = Multipliers(mult.eq, mult.ineq, mult.active, mult.weakly_active, mult.kkt_residual, mult.violation)
         return Solution(U, converged=status == CONVERGED, iterations=iters, grad_norm=mult.kkt_residual,
                         status=status, multipliers=mult)
+
+    @staticmethod
+    def _polish(problem: Problem, U: Tensor, mult: Any, conv: Tensor) -> tuple[Tensor, Any, Tensor]:
+        """One Newton step on the KKT system of the active set, ``[H J_Aᵀ; J_A 0][Δu; ν] = −[∇f; c_A]``,
+        which removes the barrier's ``O(τ)`` offset; kept per sample where the KKT residual does not grow
+        and the multipliers stay consistent. Returns ``(U, multipliers, pd)``, ``pd`` (B,): the Lagrangian
+        Hessian is positive definite on the tangent space of the active constraints (at the point kept)."""
+        cons = problem.constraints
+        B, q = U.shape
+        rows, valid = compact(cons.active_rows(Solution(U, multipliers=mult), B, U.device))
+        kl = KKTLinearization(problem, U, mult.stacked())
+        C = kl.values
+        gf = kl.objective_terms[1]
+        jac = ConstraintJacobian(kl.jacobian(rows, valid), valid)
+        H = kl.hessian.dense()
+        pd = tangent_positive_definite(H, jac)
+        r = jac.rows
+        pad = torch.diag_embed((~valid).to(H.dtype))
+        K = torch.cat((torch.cat((H, jac.J.transpose(1, 2)), 2), torch.cat((jac.J, pad), 2)), 1)
+        cA = torch.where(valid, C.gather(1, rows), torch.zeros_like(valid, dtype=C.dtype))
+        sol, info = torch.linalg.solve_ex(K, -torch.cat((gf, cA), -1).unsqueeze(-1))
+        sol = sol.squeeze(-1)
+        du, nu_a = sol[:, :q], torch.where(valid, sol[:, q:], torch.zeros_like(sol[:, q:]))
+        U_new = U + du
+        nu = scatter_rows(nu_a, rows, valid, C.shape[1])
+        lam, mu = cons.split(nu)
+        new, consistent = cons.report(problem, U_new, lam, mu)
+        slack = 1e3 * torch.finfo(U.dtype).eps
+        keep = (conv & pd & (info == 0) & torch.isfinite(du).all(-1) & consistent
+                & (new.kkt_residual <= mult.kkt_residual + slack * gf.norm(dim=-1).clamp_min(1.0))
+                & (new.violation <= mult.violation + slack))
+        k = keep.unsqueeze(-1)
+        U = torch.where(k, U_new, U)
+        pick = lambda a, b: None if a is None else torch.where(keep.reshape(-1, *([1] * (a.dim() - 1))), a, b)  # noqa: E731
+        mult = type(mult)(*(pick(a, b) for a, b in zip(
+            (new.eq, new.ineq, new.active, new.weakly_active, new.kkt_residual, new.violation),
+            (mult.eq, mult.ineq, mult.active, mult.weakly_active, mult.kkt_residual, mult.violation))))
+        return U, mult, pd
 
     @staticmethod
     def _merit(f: Tensor, h: Tensor, g: Tensor, s: Tensor, tau: Tensor, rho: Tensor) -> Tensor:
