@@ -556,14 +556,27 @@ def implicit_grads(layer: Any, problem: Any, sol: Solution, grad_u: Tensor, wrt:
     ok = sol.converged
     if ok is not None and not bool(ok.all()):
         # samples that are not minima get no gradient: the KKT system is solved for the others alone
-        # (theirs may be singular), on slices of the same tensors, so the gradients reach the whole batch
-        if not bool(ok.any()):
-            return {k: torch.zeros_like(x) for k, x in wrt.items()}
+        # (theirs may be singular), at leaf copies of their slices, scattered back into the batch
         idx = ok.nonzero().flatten()
-        problem = type(problem)(problem.objective, problem.V[idx], problem.mask[idx],
-                                {k: x[idx] for k, x in problem.inputs.items()}, problem.q_shape, cons)
-        B, g, U, mult = len(idx), g[idx], U[idx], mult.select(idx)
-        sol = Solution(U, converged=ok[idx], multipliers=mult)
+        sliced = {k for k in wrt if k == "V" or (k in problem.inputs and wrt[k] is problem.inputs[k])}
+        leaves = {k: (problem.V if k == "V" else problem.inputs[k])[idx].detach().requires_grad_(True) for k in sliced}
+        sub = type(problem)(problem.objective, leaves.get("V", problem.V[idx].detach()), problem.mask[idx],
+                            {k: leaves.get(k, x[idx].detach()) for k, x in problem.inputs.items()}, problem.q_shape,
+                            cons)
+        sub_sol = Solution(sol.u[idx], converged=ok[idx], multipliers=mult.select(idx))
+        grads = {}
+        if len(idx):
+            grads = implicit_grads(layer, sub, sub_sol, grad_u[idx], {k: leaves.get(k, x) for k, x in wrt.items()},
+                                   strategy)
+        out: dict[str, Tensor | None] = {}
+        for k, x in wrt.items():
+            gk = grads.get(k)
+            if k in sliced:
+                full = torch.zeros_like(x)
+                out[k] = full.index_copy(0, idx, gk) if gk is not None else full
+            else:
+                out[k] = gk if gk is not None else (torch.zeros_like(x) if not len(idx) else None)
+        return out
     nu = mult.stacked()
     rows, valid = compact(cons.active_rows(sol, B, U.device))
     kl = KKTLinearization(problem, U, nu, sol.state)
