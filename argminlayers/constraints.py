@@ -250,7 +250,7 @@ class ConstraintSet:
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
     def split(self, C: Tensor) -> tuple[Tensor, Tensor]:
-        """``(h, g)`` of ``c = (h, g)`` (last dimension)."""
+        """``(h, g)`` of ``c = (h, g)`` (last dimension; after the first evaluation, which sets ``m``)."""
         return C[..., : self.m], C[..., self.m:]
 
     # ---- the KKT conditions at a solution ----------------------------------------------
@@ -348,7 +348,7 @@ class ConstraintSet:
     def active_rows(self, sol: Solution, B: int, device: torch.device) -> Tensor:
         """``(B, m + k)`` bool: the constraints of the backward (every equality, the active inequalities)."""
         mult = sol.multipliers
-        eq = torch.ones(B, self.m, dtype=torch.bool, device=device)
+        eq = torch.ones(B, mult.eq.shape[1], dtype=torch.bool, device=device)
         act = mult.active if mult.active is not None else (mult.ineq > 0)
         return torch.cat((eq, act), dim=-1)
 

@@ -417,6 +417,7 @@ class ArgminLayer(nn.Module):
         """``dL/dV = −∂/∂V [wᵀ ∇_u f]`` with ``w = H⁻¹ grad_u`` for a stored solution of
         :meth:`solve` (``V`` validated, padded steps zero): the layer's backward over ``V``
         alone, without autograd around it; ``(B, T, …)``."""
+        self._bind(tuple(inputs))
         problem = Problem(self.objective, V.detach().requires_grad_(True), mask,
                           {k: x.detach() for k, x in inputs.items()}, tuple(sol.u.shape[1:]), self.constraints)
         with torch.enable_grad():

@@ -481,3 +481,15 @@ def test_status_converged_for_projection():
     with pytest.warns(ConvergenceWarning, match=r"samples \[1\]"):
         sol = ArgminLayer(L2SphereProjection()).solve(y)
     assert sol.status.tolist()[0] == CONVERGED and not bool(sol.converged[1])
+
+
+def test_implicit_vjp_of_a_fresh_layer_equals_autograd():
+    """The backward of a stored solution, on a layer that has not solved anything itself."""
+    kw = dict(eq=lambda v, u: u.sum() - 1, ineq=lambda v, u: -u)
+    V, w = problem_data("nonnegative"), weights()
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    G = torch.randn(3, 3, dtype=DT, generator=torch.Generator().manual_seed(3))
+    sol = ArgminLayer(huber, **kw).solve(V, mask, w=w)
+    X = V.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(ArgminLayer(huber, **kw)(X, w=w), X, G)
+    torch.testing.assert_close(ArgminLayer(huber, **kw).implicit_vjp(V, mask, sol, G, w=w), auto)

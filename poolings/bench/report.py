@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-BENCHMARKS = ("strategies", "references", "limit", "throughput")
+BENCHMARKS = ("strategies", "references", "limit", "throughput", "constraints")
 
 INTRO = """\
 # Benchmarks
