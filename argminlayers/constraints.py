@@ -88,9 +88,10 @@ class Multipliers:
 
 
 def _tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """``(check, degenerate)``: the relative KKT tolerance of an own solve's check, and the
-    threshold below which ``g_i`` and ``μ_i`` count as zero when classifying inequalities."""
-    return (1e-6, 1e-6) if dtype == torch.float64 else (1e-3, 1e-3)
+    """``(check, zero)``: the relative KKT tolerance of an own solve's check (1e-6 in float64, 1e-3 in
+    float32), and ``1000 ε``, below which ``g_i`` and ``μ_i`` (relative to ``max(1, ‖u‖∞)`` and
+    ``max(1, ‖∇f‖∞)``) count as zero when the inequalities are classified."""
+    return (1e-6 if dtype == torch.float64 else 1e-3), 1e3 * torch.finfo(dtype).eps
 
 
 # ------------------------------------------------------------------------------- declaration
@@ -170,12 +171,7 @@ class _Part:
                              f" per sample ({tuple(out.shape)} in all)")
         if out.dtype != U.dtype:
             raise ValueError(f"{self.name} returned {out.dtype}; it must match u ({U.dtype})")
-        n = out.shape[1]
-        if self.size is None:
-            self.size = n
-        elif n != self.size:
-            raise ValueError(f"{self.name} returned {n} values per sample, but {self.size} before; the number of "
-                             "constraints must not change")
+        self.size = out.shape[1]  # of the last evaluation (it may depend on the shapes of the call)
         return out
 
 
@@ -271,8 +267,8 @@ class ConstraintSet:
         m, k = h.shape[1], g.shape[1]
         gf = kl.objective_terms[1]
         _, tau = _tolerances(U.dtype)
-        tau_g = tau * U.norm(dim=-1).clamp_min(1.0)  # (B,)
-        tau_mu = tau * gf.norm(dim=-1).clamp_min(1.0)
+        tau_g = tau * U.abs().amax(-1).clamp_min(1.0)  # (B,)
+        tau_mu = tau * gf.abs().amax(-1).clamp_min(1.0)
         near = g >= -tau_g.unsqueeze(-1)  # (B, k)
         given = lam is not None and mu is not None
         if given:

@@ -37,8 +37,8 @@ Example::
     >>> project = ArgminLayer(SimplexProjection())
     >>> v = torch.tensor([[0.9, 0.6, -0.2]], dtype=torch.float64, requires_grad=True)
     >>> u = project(v)
-    >>> u
-    tensor([[0.6500, 0.3500, 0.0000]], dtype=torch.float64, grad_fn=<ArgminFunctionBackward>)
+    >>> u.detach()
+    tensor([[0.6500, 0.3500, 0.0000]], dtype=torch.float64)
     >>> torch.autograd.grad(u[0, 0], v)[0]          # ∂u₁/∂v = e₁ − ½ (e₁ + e₂) on the support
     tensor([[ 0.5000, -0.5000,  0.0000]], dtype=torch.float64)
 """

@@ -15,6 +15,12 @@ woodbury           solve in the ``n``-space             ``O(n² q + n³)``      
 cg                 conjugate gradient on ``H x``        ``k`` Hessian–vector prods   to tol
 =================  ==================================  ===========================  ========
 
+A constrained layer calls ``solve_kkt(hessian, jacobian, g)`` instead, for the KKT system
+``[H Jᵀ; J 0][w; z] = [g; 0]`` (:mod:`argminlayers.kkt`): ``dense`` factorises the full KKT
+matrix, every other strategy by default solves the Schur complement ``J H⁻¹ Jᵀ`` with its own
+``H⁻¹`` through ``solve_many`` (``k`` right-hand sides at once; by default ``k`` calls of
+``solve``).
+
 A new strategy is a subclass of :class:`Strategy` with a ``solve`` method, made
 available by name with :func:`register_strategy`::
 

@@ -247,8 +247,8 @@ class ProjectedAvgPool(Pooling):
         >>> import torch
         >>> from poolings.constrained import ProjectedAvgPool
         >>> U = ProjectedAvgPool("simplex")(torch.randn(2, 6, 4), torch.tensor([6, 3]))
-        >>> bool((U >= 0).all()), U.sum(-1)
-        (True, tensor([1.0000, 1.0000]))
+        >>> bool((U >= 0).all()), torch.allclose(U.sum(-1), torch.ones(2))
+        (True, True)
     """
 
     def __init__(self, projection: "str | Projection" = "simplex", *, backward: Any = "woodbury",

@@ -411,18 +411,13 @@ def test_constraint_of_wrong_shape():
         layer(data(), w=weights())
 
 
-def test_constraint_count_must_not_change():
-    calls = []
+def test_constraint_count_may_follow_the_shape_of_the_call():
+    from argminlayers.projections import SimplexProjection
 
-    def eq(v, u):
-        calls.append(1)
-        return u[:1] if len(calls) == 1 else u[:2]
-
-    layer = ArgminLayer(huber, eq=eq)
-    args = (data(), torch.zeros(3, 3, dtype=DT), torch.ones(3, 5, dtype=torch.bool), {})
-    layer.constraints.values(*args)
-    with pytest.raises(ValueError, match="returned 2 values per sample, but 1 before"):
-        layer.constraints.values(*args)
+    layer = ArgminLayer(SimplexProjection())
+    for q in (3, 5):
+        sol = layer.solve(torch.randn(2, q, dtype=DT))
+        assert sol.multipliers.ineq.shape == (2, q) and bool(sol.converged.all())
 
 
 def test_constraint_not_a_tensor_and_not_callable():

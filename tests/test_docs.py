@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Pages whose python blocks run as written (in order, sharing one namespace per page).
 PAGES = ["README.md", "docs/objectives.md", "docs/mathematics.md", "docs/declarative_pooling.md",
-         "docs/rank_pooling.md"]
+         "docs/rank_pooling.md", "docs/constraints.md"]
 
 MODULES = [
     "argminlayers.layer",
@@ -22,6 +22,8 @@ MODULES = [
     "poolings.max",
     "poolings.approx_rank",
     "poolings.rank",
+    "argminlayers.projections",
+    "poolings.constrained",
 ]
 
 
