@@ -203,6 +203,7 @@ class ConstraintSet:
                 parts[kind] = _Part(kind, objective=objective)
         self.eq, self.ineq = parts.get("eq"), parts.get("ineq")
         self.linear = bool(getattr(objective, "linear_constraints", False))
+        self._padding_checked = False
 
     @classmethod
     def of(cls, objective: Objective, eq: Any = None, ineq: Any = None) -> "ConstraintSet | None":
@@ -244,6 +245,27 @@ class ConstraintSet:
         if not outs:
             return U.new_zeros(U.shape[0], 0)
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+
+    def check_padding(self, problem: Any, U: Tensor) -> None:
+        """A constraint function that takes no mask must not read the padded steps of ``v``: checked
+        once per constraint set, at the first call with padding, by moving the padded steps."""
+        if self._padding_checked or bool(problem.mask.all()):
+            return
+        blind = [p for p in self.parts if not p.uses_mask]
+        self._padding_checked = True
+        if not blind:
+            return
+        V, mask = problem.V, problem.mask
+        pad = (~mask).reshape(*mask.shape, *([1] * (V.dim() - 2))).to(V.dtype)
+        with torch.no_grad():
+            for p in blind:
+                a = p.values(V, U, mask, problem.inputs)
+                b = p.values(V + pad, U, mask, problem.inputs)
+                if not torch.equal(a, b):
+                    raise ValueError(
+                        f"{p.name} takes no mask but reads the padded steps of v (its values change with them); "
+                        f"write it as {p.kind}(v, u, mask) and leave padded steps out"
+                    )
 
     def split(self, C: Tensor) -> tuple[Tensor, Tensor]:
         """``(h, g)`` of ``c = (h, g)`` (last dimension; after the first evaluation, which sets ``m``)."""

@@ -297,6 +297,7 @@ class ArgminLayer(nn.Module):
             _check_shape(sol.u, B, V, objective, f"{type(solver).__name__}.minimize")
         self._report(sol, V)
         if problem.constraints is not None:
+            problem.constraints.check_padding(problem, sol.u)
             problem.constraints.warn_degenerate(sol, objective.describe())
         return sol, problem
 

@@ -16,6 +16,9 @@ Schur complement on Woodbury (one extra column: ``J = uᵀ``). Where even ``a �
 regularisation) leaves ``‖u‖ < ρ``, the ranking can be fitted with a shorter vector and the
 minimiser on the sphere is not unique: reported as ``NOT_MINIMUM`` (no gradient).
 
+For ``ρ`` far below the norm of plain rank pooling (``≈ 43`` on unit-norm frames at ``T = 50``),
+``a`` is large and ``u*`` tends to the normalised ``Σ_t (t − ε) v_t`` (docs/constraints.md).
+
 **Projected average pooling** (:class:`ProjectedAvgPool`): the average of the valid frames,
 projected onto a set of :mod:`argminlayers.projections` (simplex, L1/L2/L∞ balls and spheres,
 box)::

@@ -420,6 +420,14 @@ def test_constraint_count_may_follow_the_shape_of_the_call():
         assert sol.multipliers.ineq.shape == (2, q) and bool(sol.converged.all())
 
 
+def test_maskless_constraint_must_not_read_padded_steps():
+    layer = ArgminLayer(huber, eq=lambda v, u: u.sum() - v.mean(0).sum())  # the mean over padded steps too
+    with pytest.raises(ValueError, match=r"eq=<lambda> takes no mask but reads the padded steps"):
+        layer(data(), LENGTHS, w=weights())
+    masked = ArgminLayer(huber, eq=lambda v, u, mask: u.sum() - (v * mask[:, None]).sum() / mask.sum())
+    assert bool(masked.solve(data(), LENGTHS, w=weights()).converged.all())
+
+
 def test_constraint_not_a_tensor_and_not_callable():
     with pytest.raises(TypeError, match="ineq must be a function"):
         ArgminLayer(huber, ineq=3.0)
