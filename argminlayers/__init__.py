@@ -3,17 +3,24 @@
 ``ArgminLayer(f)`` solves ``u* = argmin_u f(v, u)`` in the forward pass, batched, and
 back-propagates with the implicit function theorem, ``du*/dv = −H⁻¹ f_uv``, applying
 ``H⁻¹`` with a pluggable strategy (dense, diagonal, Sherman–Morrison, Woodbury, CG).
+Constraints ``h(v, u) = 0`` and ``g(v, u) ≤ 0`` (``eq=``, ``ineq=``) make the backward a KKT
+solve with the same strategies (:mod:`argminlayers.constraints`).
 """
 
 from . import check
+from .constraints import ConstraintSet, KKTLinearization, Multipliers
 from .errors import (
     CapturedTensorError,
     ConvergenceError,
     ConvergenceWarning,
+    DegeneracyWarning,
+    DegenerateConstraintError,
     SingularHessianError,
     StructureError,
 )
 from .hessian import AutogradHessian, DenseHessian, FunctionHessian, HessianOperator, LowRankHessian
+from .interior_point import InteriorPoint
+from .kkt import ConstraintJacobian, ProjectedCG
 from .layer import ArgminLayer
 from .objective import STATUS_TEXT, FunctionObjective, Linearization, Objective, Solution, SolverState, as_objective
 from .problem import Problem
@@ -65,6 +72,14 @@ __all__ = [
     "get_solver",
     "available_solvers",
     "ConvergenceWarning",
+    "DegeneracyWarning",
+    "DegenerateConstraintError",
+    "ConstraintSet",
+    "ConstraintJacobian",
+    "KKTLinearization",
+    "Multipliers",
+    "InteriorPoint",
+    "ProjectedCG",
     "CapturedTensorError",
     "ConvergenceError",
     "SingularHessianError",

@@ -39,3 +39,14 @@ class StructureError(ValueError):
 class CapturedTensorError(RuntimeError):
     """An objective reads a tensor that requires grad through a path the layer cannot follow
     (so its gradient would be lost); pass it as a keyword input or make it a parameter."""
+
+
+class DegenerateConstraintError(RuntimeError):
+    """The gradients of the active constraints are linearly dependent at the solution, so the
+    multipliers are not unique and the implicit gradient is not defined there. The message
+    names the samples; remove the redundant constraints."""
+
+
+class DegeneracyWarning(UserWarning):
+    """A constrained solution is degenerate but still has a (one-sided) gradient: an inequality
+    is weakly active (``g_i = 0`` with multiplier ``μ_i = 0``). It is then treated as active."""

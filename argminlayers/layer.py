@@ -29,9 +29,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from . import interior_point  # noqa: F401  (registers solver="interior_point")
+from .constraints import ConstraintSet, Multipliers
+from .constraints import implicit_grads as _constrained_grads
 from .errors import CapturedTensorError, ConvergenceError, ConvergenceWarning, StructureError
 from .objective import (
     CONVERGED,
+    INFEASIBLE,
     MAX_ITER,
     NO_DESCENT,
     NONFINITE,
@@ -89,6 +93,14 @@ class ArgminLayer(nn.Module):
             generic solver (default: the objective's ``init``, zeros shaped like one step of V).
         batched: the plain function already takes whole batches and returns ``(B,)`` values
             (sample ``b`` depending on sample ``b`` alone); ``vmap`` is skipped.
+        eq: optional equality constraints ``h(v, u) = 0``: a per-sample function ``eq(v, u)`` or
+            ``eq(v, u, mask)``, with the keyword inputs it names, returning ``(m,)``.
+        ineq: optional inequality constraints ``g(v, u) ≤ 0``, likewise returning ``(k,)``. An
+            :class:`~argminlayers.Objective` may define ``equality_constraints`` /
+            ``inequality_constraints`` instead. A constrained layer solves with
+            ``solver="interior_point"`` (or the objective's own ``solve``) and back-propagates
+            through the KKT system; see :mod:`argminlayers.constraints`. The multipliers are in
+            :meth:`solve`'s ``Solution.multipliers``.
 
     Shape:
         ``V: (B, T, *feature_shape)`` with an optional ``mask: (B, T)`` bool or
@@ -125,6 +137,8 @@ class ArgminLayer(nn.Module):
         *,
         solver: "str | Solver | None" = None,
         backward: "str | Strategy | None" = None,
+        eq: "Callable[..., Tensor] | None" = None,
+        ineq: "Callable[..., Tensor] | None" = None,
         **options: Any,
     ):
         super().__init__()
@@ -132,6 +146,7 @@ class ArgminLayer(nn.Module):
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; ArgminLayer accepts {list(_LAYER_OPTIONS)}")
         self.objective = as_objective(objective, batched=bool(options.get("batched", False)))
+        self.constraints = ConstraintSet.of(self.objective, eq, ineq)
         self.strategy = None if backward is None else get_strategy(backward)
         if getattr(self.strategy, "needs_low_rank", False) and not self.objective.low_rank_hessian:
             usable = [s for s in available_strategies() if s not in ("sherman_morrison", "woodbury")]
@@ -163,12 +178,18 @@ class ArgminLayer(nn.Module):
             self._auto_solver = False
         elif solver is None:
             self.solver, self._auto_solver = None, True
-            for name in ("newton", "lbfgs"):  # validate the options now, not at the first call
+            # validate the options now, not at the first call
+            for name in ("newton", "lbfgs") if self.constraints is None else ("interior_point",):
                 self._solvers[name] = get_solver(name, **self._solver_opts)
         else:
             if not isinstance(solver, str) and self._solver_opts:
                 raise TypeError("tol/max_iter go to the solver object itself when solver= is an object")
             self.solver, self._auto_solver = get_solver(solver, **self._solver_opts), False
+            if self.constraints is not None and not getattr(self.solver, "handles_constraints", False):
+                raise TypeError(
+                    f"solver={getattr(self.solver, 'name', solver)!r} ignores constraints, and this layer has "
+                    f"{self.constraints}; use solver='interior_point' (or the objective's own solve)"
+                )
 
     def extra_repr(self) -> str:
         solver = "auto" if self._auto_solver else ("objective.solve" if self.solver is None else repr(self.solver))
@@ -196,8 +217,7 @@ class ArgminLayer(nn.Module):
         if not isinstance(V, Tensor):
             raise TypeError(f"V must be a torch.Tensor of shape (B, ...), got {type(V).__name__}")
         names = tuple(inputs)
-        if isinstance(self.objective, FunctionObjective):
-            self.objective.bind(names)
+        self._bind(names)
         params = {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
         clash = sorted(set(names) & set(params))
         if clash:
@@ -223,6 +243,15 @@ class ArgminLayer(nn.Module):
             U = _ArgminFunction.apply(self, spec, V, mask, *tensors)
         return U if U.dtype == out_dtype or not V.is_floating_point() else U.to(out_dtype)
 
+    def _bind(self, names: tuple[str, ...]) -> None:
+        """Hand each plain function (objective, constraints) the keyword inputs it takes."""
+        others: tuple[str, ...] = ()
+        if self.constraints is not None:
+            self.constraints.bind(names)
+            others = self.constraints.accepted(names)
+        if isinstance(self.objective, FunctionObjective):
+            self.objective.bind(names, others)
+
     def _captured(self) -> dict[str, Tensor]:
         return self.objective.captured_tensors()
 
@@ -234,8 +263,7 @@ class ArgminLayer(nn.Module):
         mask = resolve_mask(V, mask, sequence=False)
         V = zero_padding(V, mask)
         check_inputs(inputs, V)
-        if isinstance(self.objective, FunctionObjective):
-            self.objective.bind(tuple(inputs))
+        self._bind(tuple(inputs))
         with torch.no_grad():
             sol, _ = self._solve(V.detach(), {k: x.detach() for k, x in inputs.items()}, mask=mask)
         return sol
@@ -258,15 +286,15 @@ class ArgminLayer(nn.Module):
             if not isinstance(sol, Solution):
                 sol = Solution(sol)
             _check_shape(sol.u, B, V, objective, "solve")
-            problem = Problem(objective, V, mask, inputs, tuple(sol.u.shape[1:]))
+            problem = Problem(objective, V, mask, inputs, tuple(sol.u.shape[1:]), self.constraints)
             if not self._probed:
                 self._probe(problem, sol.u)
-            if sol.converged is None:
+            if sol.converged is None or problem.constraints is not None:
                 sol = self._check_stationary(problem, sol)
         else:
             U0 = (self.init or objective.init)(V, mask, **inputs)
             _check_shape(U0, B, V, objective, "init")
-            problem = Problem(objective, V, mask, inputs, tuple(U0.shape[1:]))
+            problem = Problem(objective, V, mask, inputs, tuple(U0.shape[1:]), self.constraints)
             if not self._probed:
                 self._probe(problem, U0)
             solver = self._pick_solver(problem)
@@ -274,11 +302,16 @@ class ArgminLayer(nn.Module):
             sol.u = problem.shaped(sol.u)
             _check_shape(sol.u, B, V, objective, f"{type(solver).__name__}.minimize")
         self._report(sol, V)
+        if problem.constraints is not None:
+            problem.constraints.check_padding(problem, sol.u)
+            problem.constraints.warn_degenerate(sol, objective.describe())
         return sol, problem
 
     def _pick_solver(self, problem: Problem) -> Solver:
         if not self._auto_solver:
             return self.solver
+        if problem.constraints is not None:
+            return self._solvers["interior_point"]
         return self._solvers["newton" if _dense_pays(problem) else "lbfgs"]
 
     def pick_strategy(self, problem: Problem, sol: Solution) -> Strategy:
@@ -286,6 +319,12 @@ class ArgminLayer(nn.Module):
         if self.strategy is not None:
             return self.strategy
         objective = self.objective
+        if problem.constraints is not None:  # a KKT solve: Schur with Woodbury where H_L keeps the structure
+            structured = objective.low_rank_hessian and (
+                problem.constraints.linear or getattr(objective, "lagrangian_hessian", None) is not None)
+            if structured:
+                return _auto_strategy("woodbury")
+            return _auto_strategy("dense" if problem.q <= DENSE_MAX_Q else "projected_cg")
         if objective.low_rank_hessian:
             return _auto_strategy("woodbury")
         hessian = getattr(sol.state, "hessian", None)
@@ -296,7 +335,10 @@ class ArgminLayer(nn.Module):
 
     def _check_stationary(self, problem: Problem, sol: Solution) -> Solution:
         """An objective's own solve that reports no convergence is checked: ``‖∇f(u)‖`` must be
-        small against ``‖∇f(0)‖`` (cheap, batched)."""
+        small against ``‖∇f(0)‖`` (cheap, batched). A constrained problem's KKT conditions instead
+        (:meth:`~argminlayers.constraints.ConstraintSet.check`)."""
+        if problem.constraints is not None:
+            return problem.constraints.check(problem, sol)
         U = sol.u.reshape(problem.batch, -1)
         g = torch.linalg.vector_norm(problem.linearize(U, sol.state, second_order=False).grad, dim=-1)
         g0 = torch.linalg.vector_norm(problem.linearize(torch.zeros_like(U), second_order=False).grad, dim=-1)
@@ -316,6 +358,9 @@ class ArgminLayer(nn.Module):
         versions = [t._version for t in (V1, U1, *inputs1.values())]
         with torch.enable_grad():
             out = objective.value(V1, U1, problem.mask[:1], **inputs1)
+            outs = [out]
+            if problem.constraints is not None:
+                outs.append(problem.constraints.values(V1, U1, problem.mask[:1], inputs1))
         if [t._version for t in (V1, U1, *inputs1.values())] != versions:
             raise RuntimeError(
                 f"objective {objective.describe()} modified its arguments (v, u or a keyword input) in place; "
@@ -323,15 +368,18 @@ class ArgminLayer(nn.Module):
                 "Compute on new tensors "
                 "(e.g. v = v * 2 instead of v *= 2)"
             )
-        if isinstance(out, Tensor) and out.requires_grad:
+        for i, out in enumerate(outs):
+            if not (isinstance(out, Tensor) and out.requires_grad):
+                continue
             known = {id(p) for p in objective.parameters()} | {id(t) for t in self._captured().values()}
             stops = {id(t.grad_fn) for t in self._captured().values() if t.grad_fn is not None}
             hidden = _hidden_leaves(out, known, stops)
             if hidden:
                 t = hidden[0]
                 kind = "an nn.Parameter" if isinstance(t, nn.Parameter) else "a tensor"
+                who = f"objective {objective.describe()}" if i == 0 else f"{problem.constraints}"
                 raise CapturedTensorError(
-                    f"objective {objective.describe()} captures {kind} that requires grad (shape "
+                    f"{who} captures {kind} that requires grad (shape "
                     f"{tuple(t.shape)}, {t.dtype}) through something the layer cannot see, so its gradient "
                     "would be lost. Pass it as a keyword input instead, layer(V, name=tensor) with the "
                     "objective taking a `name` argument, or make it a parameter of an Objective (an nn.Module)"
@@ -358,7 +406,11 @@ class ArgminLayer(nn.Module):
             parts.append(f"{where}{text}{'; ' + hint if hint else ''}")
         gn = ""
         if sol.grad_norm is not None:
-            gn = f" (‖∇f‖ = {[f'{x:.2e}' for x in sol.grad_norm[idx[:4]].tolist()]})"
+            constrained = isinstance(sol.multipliers, Multipliers)
+            gn = f" ({'‖∇f + Jᵀν‖' if constrained else '‖∇f‖'} = {[f'{x:.2e}' for x in sol.grad_norm[idx[:4]].tolist()]}"
+            if constrained and sol.multipliers.violation is not None:
+                gn += f", constraint violation = {[f'{x:.2e}' for x in sol.multipliers.violation[idx[:4]].tolist()]}"
+            gn += ")"
         msg = (
             f"the forward solve of {self.objective.describe()} did not converge for samples "
             f"{idx[:8]}{' ...' if len(idx) > 8 else ''}{gn}: {'. '.join(parts)}. Those samples get zero gradient."
@@ -374,8 +426,9 @@ class ArgminLayer(nn.Module):
         """``dL/dV = −∂/∂V [wᵀ ∇_u f]`` with ``w = H⁻¹ grad_u`` for a stored solution of
         :meth:`solve` (``V`` validated, padded steps zero): the layer's backward over ``V``
         alone, without autograd around it; ``(B, T, …)``."""
+        self._bind(tuple(inputs))
         problem = Problem(self.objective, V.detach().requires_grad_(True), mask,
-                          {k: x.detach() for k, x in inputs.items()}, tuple(sol.u.shape[1:]))
+                          {k: x.detach() for k, x in inputs.items()}, tuple(sol.u.shape[1:]), self.constraints)
         with torch.enable_grad():
             dV = self.implicit_grads(problem, sol, grad_u, {"V": problem.V})["V"]
         if dV is None:
@@ -390,6 +443,10 @@ class ArgminLayer(nn.Module):
         (flat ``(B, q)``); one strategy solve, one reverse pass. ``create_graph``: differentiable
         in everything (double backward)."""
         strategy = self.pick_strategy(problem, sol)
+        if problem.constraints is not None:
+            if create_graph:
+                raise NotImplementedError("the backward of a constrained layer is not differentiable (no double backward)")
+            return _constrained_grads(self, problem, sol, grad_u, wrt, strategy)
         B = problem.batch
         g = grad_u.reshape(B, -1)
         U = sol.u.reshape(B, -1)
@@ -421,6 +478,7 @@ _HINTS = {
     NONFINITE: "check the objective where the solver starts (init=) and its domain",
     NOT_MINIMUM: "start elsewhere (init=) or regularise the objective",
     NOT_STATIONARY: "the solve does not minimise this objective (a constrained problem? declare eq=/ineq=)",
+    INFEASIBLE: "check that the constraints can be met together, and the starting point (init=)",
 }
 
 
@@ -592,12 +650,19 @@ class _ArgminFunction(torch.autograd.Function):
         with _bound_parameters(layer.objective, dict(zip(call.params, tensors[n_in:n_in + n_par]))):
             twice = torch.is_grad_enabled()
             strategy = layer.pick_strategy(problem, call.sol)
-            if twice and not getattr(strategy, "exact", True):
+            name = getattr(strategy, "name", repr(strategy))
+            refuse = None
+            if twice and problem.constraints is not None:
+                refuse = ("the backward of a constrained layer (a KKT solve) is not differentiable, so its gradient "
+                          "cannot be differentiated again (no second derivatives through constraints)")
+            elif twice and not getattr(strategy, "exact", True):
+                refuse = (f"backward={name!r} approximates H⁻¹, so the layer's gradient cannot be differentiated "
+                          "again; use an exact strategy (dense, woodbury, sherman_morrison, cg) for second derivatives")
+            if refuse is not None:
                 # first-order gradients now; differentiating them again raises (never zeros)
                 with torch.no_grad():
                     first = partial(problem.V, U.detach(), g.detach(), *problem.inputs.values(), *tensors[n_in:])
-                grads = [None if x is None else _RefuseTwice.apply(getattr(strategy, "name", repr(strategy)), U, x)
-                         for x in first]
+                grads = [None if x is None else _RefuseTwice.apply(refuse, U, x) for x in first]
             elif twice:
                 # Double backward: the partial derivatives at independent copies of (V, u*, g, inputs),
                 # with their graphs; u* is the layer's output, so a second differentiation reaches the
@@ -676,10 +741,11 @@ class _ImplicitPartials:
                 else:
                     key, x = "captured:" + call.captured[i - n_in - n_par], t
                 wrt[key], keys[i] = x, key
-            prob = Problem(self.layer.objective, Vb, call.mask, inputs, call.problem.q_shape)
+            prob = Problem(self.layer.objective, Vb, call.mask, inputs, call.problem.q_shape, call.problem.constraints)
             sol = call.sol
             if create_graph:
-                sol = Solution(U, converged=sol.converged, state=sol.state, status=sol.status)
+                sol = Solution(U, converged=sol.converged, state=sol.state, status=sol.status,
+                               multipliers=sol.multipliers)
             grads = self.layer.implicit_grads(prob, sol, g, wrt, create_graph=create_graph)
         out: list[Tensor | None] = [grads.get("V") if self.need_v else None] + [None] * len(tensors)
         for i, key in keys.items():
@@ -716,20 +782,18 @@ class _Partial(torch.autograd.Function):
 
 
 class _RefuseTwice(torch.autograd.Function):
-    """Identity on a first-order gradient computed by an approximate strategy; differentiating it
-    again raises, so a second derivative is never silently wrong."""
+    """Identity on a first-order gradient whose backward is not differentiable (an approximate
+    strategy, a constrained layer); differentiating it again raises ``reason``, so a second
+    derivative is never silently wrong."""
 
     @staticmethod
-    def forward(ctx: Any, name: str, anchor: Tensor, x: Tensor) -> Tensor:
-        ctx.name = name
+    def forward(ctx: Any, reason: str, anchor: Tensor, x: Tensor) -> Tensor:
+        ctx.reason = reason
         return x.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
-        raise RuntimeError(
-            f"backward={ctx.name!r} approximates H⁻¹, so the layer's gradient cannot be differentiated again; "
-            "use an exact strategy (dense, woodbury, sherman_morrison, cg) for second derivatives"
-        )
+        raise RuntimeError(ctx.reason)
 
 
 class _Solve(torch.autograd.Function):

@@ -276,13 +276,20 @@ class FunctionObjective(Objective):
         self.name = getattr(fn, "__name__", None) or type(fn).__name__
         self._signature = _Signature(fn, self.name)
         self.uses_mask = self._signature.positional >= 3
+        self._skip: frozenset[str] = frozenset()
 
-    def bind(self, input_names: tuple[str, ...]) -> None:
-        """Check that ``fn`` accepts these keyword inputs; decides whether it takes a mask."""
-        self.uses_mask = self._signature.takes_mask(input_names)
-        self._signature.check_inputs(input_names)
+    def bind(self, input_names: tuple[str, ...], others: tuple[str, ...] = ()) -> None:
+        """Check that ``fn`` accepts these keyword inputs; decides whether it takes a mask.
+        ``others``: inputs that other functions of the layer (its constraints) take; ``fn``
+        need not take those, and is called without the ones it does not."""
+        own = tuple(n for n in input_names if n not in others or self._signature.accepts(n))
+        self.uses_mask = self._signature.takes_mask(own)
+        self._signature.check_inputs(own)
+        self._skip = frozenset(input_names) - frozenset(own)
 
     def _call_f(self, v: Tensor, u: Tensor, mask: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
+        if self._skip:
+            inputs = {k: x for k, x in inputs.items() if k not in self._skip}
         return self.fn(v, u, mask, **inputs) if self.uses_mask else self.fn(v, u, **inputs)
 
     def f(self, v: Tensor, u: Tensor, mask: Tensor, **inputs: Tensor) -> Tensor:
@@ -316,8 +323,8 @@ class FunctionObjective(Objective):
 class _Signature:
     """What a plain objective function accepts: positional arity, keyword inputs, the mask."""
 
-    def __init__(self, fn: Callable[..., Any], name: str):
-        self.name = name
+    def __init__(self, fn: Callable[..., Any], name: str, what: str = "objective function"):
+        self.name, self.what = name, what
         try:
             params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):
@@ -336,9 +343,13 @@ class _Signature:
         self.positional = 3 if self.var_pos else len(self.positional_names)
         if self.positional < 2:
             raise TypeError(
-                f"objective function {name!r} must take (v, u) or (v, u, mask), "
+                f"{what} {name!r} must take (v, u) or (v, u, mask), "
                 f"it takes {self.positional} positional argument(s)"
             )
+
+    def accepts(self, name: str) -> bool:
+        """Whether the function takes a keyword input of this name."""
+        return self.positional_names is None or self.var_kw or name in self.keywords
 
     def takes_mask(self, input_names: tuple[str, ...]) -> bool:
         if self.positional_names is None or self.var_pos:
@@ -353,12 +364,13 @@ class _Signature:
             unknown = [n for n in input_names if n not in self.keywords]
             if unknown:
                 raise TypeError(
-                    f"the layer got keyword input(s) {unknown}, but objective {self.name!r} takes no such "
+                    f"the layer got keyword input(s) {unknown}, but {self.what.split()[0]} {self.name!r} takes no such "
                     f"argument; add it to its signature, e.g. def {self.name}(v, u, mask, {unknown[0]})"
                 )
         missing = sorted(self.required_kw - set(input_names))
         if missing:
-            raise TypeError(f"objective {self.name!r} needs keyword input(s) {missing}; pass them as layer(V, {missing[0]}=...)")
+            raise TypeError(f"{self.what.split()[0]} {self.name!r} needs keyword input(s) {missing}; "
+                            f"pass them as layer(V, {missing[0]}=...)")
 
 
 def _captured_tensors(fn: Any) -> dict[str, Tensor]:

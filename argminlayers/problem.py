@@ -24,11 +24,14 @@ class Problem:
         mask: ``(B, T)`` bool, valid steps.
         inputs: keyword inputs, each ``(B, …)``.
         q_shape: shape of one sample's ``u``.
+        constraints: the :class:`~argminlayers.constraints.ConstraintSet` of a constrained
+            problem (``h(v, u) = 0``, ``g(v, u) ≤ 0``), or ``None``.
     """
 
     def __init__(self, objective: Objective, V: Tensor, mask: Tensor, inputs: Mapping[str, Tensor],
-                 q_shape: tuple[int, ...]):
+                 q_shape: tuple[int, ...], constraints: Any = None):
         self.objective, self.V, self.mask, self.inputs = objective, V, mask, dict(inputs)
+        self.constraints = constraints
         self.q_shape = tuple(q_shape)
         self.batch = V.shape[0]
         q = 1

@@ -36,6 +36,12 @@ from argminlayers.check import errors
 REFERENCES: dict[str, tuple[str, ...]] = {"rank": ("cvxpylayers", "theseus"), "avg": ("cvxpylayers",)}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
+# Constrained problems (simplex, l1_ball, box_qp, eq_lsq): their layers, cvxpylayers programs and
+# accuracy measures live in poolings.reference.cvxpy_constrained.
+from poolings.reference.cvxpy_constrained import CHECKS as CONSTRAINED  # noqa: E402
+
+REFERENCES.update({name: ("cvxpylayers",) for name in CONSTRAINED})
+
 
 # ----------------------------------------------------------------------------- factories
 
@@ -44,6 +50,8 @@ def make_pooling(pooling: str, *, C: float, eps: float, backward: str) -> nn.Mod
     """The layer under test: ``poolings.RankPool`` or ``poolings.AvgPool``."""
     from poolings import AvgPool, RankPool
 
+    if pooling in CONSTRAINED:
+        return CONSTRAINED[pooling].layer(backward)
     if pooling == "rank":
         return RankPool(C=C, eps=eps, backward=backward)
     if pooling == "avg":
@@ -63,6 +71,8 @@ def make_reference(name: str, pooling: str, *, C: float, eps: float) -> nn.Modul
         from poolings.reference.cvxpy_ref import _import_cvxpy
 
         _import_cvxpy()
+        if pooling in CONSTRAINED:
+            return CONSTRAINED[pooling].reference()
         return reference.CvxpyRankPool(C=C, eps=eps) if pooling == "rank" else reference.CvxpyAvgPool()
     from poolings.reference.theseus_ref import _import_theseus
 
@@ -211,6 +221,8 @@ def _mask(lengths: Tensor, T: int) -> Tensor:
 def _kkt_function(pooling: str, C: float, eps: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     from poolings.reference import avg_pool_grad_u, prepare_sequences, rank_pool_grad_u, relative_kkt_residual
 
+    if pooling in CONSTRAINED:
+        return CONSTRAINED[pooling].accuracy
     if pooling == "rank":
         return lambda V, U, n: relative_kkt_residual(rank_pool_grad_u(V, U, n, C, eps), U)
     return lambda V, U, n: relative_kkt_residual(avg_pool_grad_u(V, U, n), U, scale=prepare_sequences(V, n)[2])

@@ -132,7 +132,7 @@ def test_strategy_of_wrong_type():
 
 
 def test_unknown_solver():
-    with pytest.raises(ValueError, match=r"solver='adam' is not a known solver; choose one of \['lbfgs', "):
+    with pytest.raises(ValueError, match=r"solver='adam' is not a known solver; choose one of \['interior_point', 'lbfgs', "):
         ArgminLayer(quad, solver="adam")
 
 

@@ -22,6 +22,8 @@ MODULES = [
     "poolings.max",
     "poolings.approx_rank",
     "poolings.rank",
+    "argminlayers.projections",
+    "poolings.constrained",
 ]
 
 
