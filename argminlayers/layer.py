@@ -599,6 +599,13 @@ class _Call:
     extra: dict = field(default_factory=dict)
 
 
+_NO_FUNC_TRANSFORMS = (
+    "{name}: torch.func derivative transforms (grad, jacrev, jacfwd, hessian, jvp) over the layer are not "
+    "supported; use torch.autograd.grad or torch.autograd.functional.jacobian/hessian, and torch.func.vmap over "
+    "the layer itself (it folds the mapped dimension into the batch)"
+)
+
+
 class _ArgminFunction(torch.autograd.Function):
     """``(V, inputs…, parameters…, captured…) ↦ u*``: the solve, and the implicit backward."""
 
@@ -629,11 +636,7 @@ class _ArgminFunction(torch.autograd.Function):
         layer, call = ctx.layer, ctx.call
         V, U, *tensors = ctx.saved_tensors
         if torch._C._functorch.is_batchedtensor(grad_u) or torch._C._functorch.is_gradtrackingtensor(grad_u):
-            raise RuntimeError(
-                f"{type(layer).__name__}: torch.func transforms of its backward (jacrev, jacfwd, hessian, grad) "
-                "are not supported; use torch.autograd.grad or torch.autograd.functional.jacobian/hessian, "
-                "and torch.func.vmap over the layer itself (it folds the mapped dimension into the batch)"
-            )
+            raise RuntimeError(_NO_FUNC_TRANSFORMS.format(name=type(layer).__name__))
         needs = ctx.needs_input_grad
         need_v, need_t = bool(needs[2]), [bool(x) for x in needs[4:]]
         problem, mask = call.problem, call.mask
@@ -676,6 +679,10 @@ class _ArgminFunction(torch.autograd.Function):
             m = mask.reshape(*mask.shape, *([1] * (dV.dim() - 2)))
             dV = torch.where(m, dV, torch.zeros((), dtype=dV.dtype, device=dV.device))
         return (None, None, dV, None, *out)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any):
+        raise RuntimeError(_NO_FUNC_TRANSFORMS.format(name=type(ctx.layer).__name__))
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, layer: ArgminLayer, call: _Call, V: Tensor, mask: Any, *tensors: Tensor):

@@ -261,8 +261,11 @@ def test_vmap_folds_into_the_batch():
 
 def test_jacrev_is_refused_with_the_alternative():
     layer = ArgminLayer(weighted_pool)
-    with pytest.raises(RuntimeError, match=r"ArgminLayer: torch.func transforms .* torch.autograd.functional.jacobian"):
-        torch.func.jacrev(lambda a: layer(a, w=weights()))(data())
+    w = weights()
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        with pytest.raises(RuntimeError, match=r"ArgminLayer: torch.func derivative transforms .* "
+                                               r"torch.autograd.functional.jacobian"):
+            transform(lambda a: layer(a, w=w))(data())
     J = torch.autograd.functional.jacobian(lambda a: layer(a, w=weights()), data())
     assert J.shape == (3, 3, 3, 5, 3)
 
