@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 env: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/argminlayers demo --out runs/demo
+	$(BIN)/argminlayers demo --out runs/demo --overwrite
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile

@@ -3,13 +3,27 @@
 ``ArgminLayer(f)`` solves ``u* = argmin_u f(v, u)`` in the forward pass, batched, and
 back-propagates with the implicit function theorem, ``du*/dv = −H⁻¹ f_uv``, applying
 ``H⁻¹`` with a pluggable strategy (dense, diagonal, Sherman–Morrison, Woodbury, CG).
+Constraints ``h(v, u) = 0`` and ``g(v, u) ≤ 0`` (``eq=``, ``ineq=``) make the backward a KKT
+solve with the same strategies (:mod:`argminlayers.constraints`).
 """
 
 from . import check
-from .errors import ConvergenceError, ConvergenceWarning, SingularHessianError, StructureError
-from .hessian import DenseHessian, FunctionHessian, HessianOperator, LowRankHessian
+from .constraints import ConstraintSet, KKTLinearization, Multipliers
+from .errors import (
+    CapturedTensorError,
+    ConvergenceError,
+    ConvergenceWarning,
+    DegeneracyWarning,
+    DegenerateConstraintError,
+    SingularHessianError,
+    StructureError,
+)
+from .hessian import AutogradHessian, DenseHessian, FunctionHessian, HessianOperator, LowRankHessian
+from .interior_point import InteriorPoint
+from .kkt import ConstraintJacobian, ProjectedCG
 from .layer import ArgminLayer
-from .objective import FunctionObjective, Objective, Solution, as_objective
+from .objective import STATUS_TEXT, FunctionObjective, Linearization, Objective, Solution, SolverState, as_objective
+from .problem import Problem
 from .solvers import LBFGS, Newton, NewtonCG, Solver, available_solvers, get_solver, register_solver
 from .strategies import (
     CG,
@@ -31,7 +45,12 @@ __all__ = [
     "Objective",
     "FunctionObjective",
     "Solution",
+    "SolverState",
+    "STATUS_TEXT",
+    "Linearization",
+    "Problem",
     "as_objective",
+    "AutogradHessian",
     "HessianOperator",
     "DenseHessian",
     "FunctionHessian",
@@ -53,6 +72,15 @@ __all__ = [
     "get_solver",
     "available_solvers",
     "ConvergenceWarning",
+    "DegeneracyWarning",
+    "DegenerateConstraintError",
+    "ConstraintSet",
+    "ConstraintJacobian",
+    "KKTLinearization",
+    "Multipliers",
+    "InteriorPoint",
+    "ProjectedCG",
+    "CapturedTensorError",
     "ConvergenceError",
     "SingularHessianError",
     "StructureError",

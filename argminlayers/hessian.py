@@ -6,7 +6,8 @@ A backward strategy only ever sees a :class:`HessianOperator`: a batch of symmet
 ================  ==========================  ==============================
 operator          matvec ``H x``              declares
 ================  ==========================  ==============================
-DenseHessian      ``O(q²)``                   the matrix itself
+DenseHessian      ``O(q²)``                   the matrix (and its Cholesky factor)
+AutogradHessian   one replayed reverse pass   nothing (matrix-free)
 FunctionHessian   one Hessian–vector product  nothing (matrix-free)
 LowRankHessian    ``O(n q)``                  ``H = diag(d) + Σ_i a_i b_iᵀ``
 ================  ==========================  ==============================
@@ -21,6 +22,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .linalg import batched_vjp, vjp
 
 
 class HessianOperator:
@@ -67,12 +70,13 @@ class HessianOperator:
 
 
 class DenseHessian(HessianOperator):
-    """An explicit ``(B, q, q)`` matrix."""
+    """An explicit ``(B, q, q)`` matrix, optionally with its lower Cholesky factor ``(B, q, q)``
+    (e.g. from the last Newton step of the forward pass), which the ``dense`` strategy reuses."""
 
-    def __init__(self, matrix: Tensor):
+    def __init__(self, matrix: Tensor, factor: Tensor | None = None):
         B, q, _ = matrix.shape
         super().__init__(B, q, matrix.dtype, matrix.device)
-        self.matrix = matrix
+        self.matrix, self.factor = matrix, factor
 
     def matvec(self, x: Tensor) -> Tensor:
         return torch.bmm(self.matrix, x.unsqueeze(-1)).squeeze(-1)
@@ -91,6 +95,55 @@ class DenseHessian(HessianOperator):
             return self
         eye = torch.eye(self.q, dtype=self.dtype, device=self.device)
         return DenseHessian(self.matrix + damping * eye)
+
+
+class AutogradHessian(HessianOperator):
+    """The Hessian of a recorded gradient: ``G = ∇_U Σ_b f_b`` taken with ``create_graph`` at
+    the leaf ``U``; ``H x = ∇_U (G · x)``, one replayed reverse pass (``f`` is not traced again).
+
+    Args:
+        U: ``(B, *q_shape)`` the point ``G`` was recorded at.
+        G: ``∇_U Σ f`` with its graph, or ``None`` when ``f`` does not depend on ``u`` (``H = 0``).
+        create_graph: keep the graph of each product (double backward).
+        diagonal: optional ``() -> (B, q)``, cheaper than the dense Hessian.
+
+    :meth:`dense` stacks ``q`` products in one batched reverse pass and keeps the result.
+    """
+
+    def __init__(self, U: Tensor, G: Tensor | None, *, create_graph: bool = False,
+                 diagonal: Callable[[], Tensor] | None = None):
+        B = U.shape[0]
+        super().__init__(B, U[0].numel(), U.dtype, U.device)
+        self.U, self.G, self.create_graph = U, G, create_graph
+        self._diagonal = diagonal
+        self._dense: Tensor | None = None
+
+    def matvec(self, x: Tensor) -> Tensor:
+        if self.G is None or not self.G.requires_grad:
+            return torch.zeros_like(x)
+        with torch.enable_grad():
+            (hx,) = vjp(self.G, (self.U,), x.reshape(self.U.shape), create_graph=self.create_graph)
+        return torch.zeros_like(x) if hx is None else hx.reshape(x.shape)
+
+    def dense(self) -> Tensor:
+        if self._dense is None:
+            B, q = self.batch, self.q
+            if self.G is None or not self.G.requires_grad:
+                self._dense = torch.zeros(B, q, q, dtype=self.dtype, device=self.device)
+            else:
+                # q products in one batched reverse pass: row i of every sample's H is ∇(G · e_i)
+                eye = torch.eye(q, dtype=self.dtype, device=self.device)
+                E = eye.unsqueeze(1).expand(q, B, q).reshape(q, *self.U.shape)
+                with torch.enable_grad():
+                    H = batched_vjp(self.G, self.U, E, create_graph=self.create_graph)
+                H = torch.zeros(q, B, q, dtype=self.dtype, device=self.device) if H is None else H.reshape(q, B, q)
+                self._dense = H.transpose(0, 1)  # (B, q, q); symmetric, so rows = columns
+        return self._dense
+
+    def diagonal(self) -> Tensor:
+        if self._diagonal is not None:
+            return self._diagonal()
+        return self.dense().diagonal(dim1=-2, dim2=-1)
 
 
 class FunctionHessian(HessianOperator):

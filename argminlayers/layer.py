@@ -1,72 +1,134 @@
 """``ArgminLayer``: solve in the forward pass, implicit function theorem in the backward pass.
 
-For ``u*(v) = argmin_u f(v, u)`` with ``H = ∇²_uu f(v, u*)`` positive definite, the
-implicit function theorem gives ``du*/dv = −H⁻¹ ∇²_uv f``. Back-propagation needs only
-the vector–Jacobian product with the upstream gradient ``g = dL/du*``::
+For ``u*(v, θ) = argmin_u f(v, u, θ)`` with ``H = ∇²_uu f(v, u*, θ)`` positive definite,
+the implicit function theorem gives ``du*/dv = −H⁻¹ ∇²_uv f`` and likewise for ``θ`` (keyword
+inputs, parameters of the objective, tensors its function captures). Back-propagation needs
+only the vector–Jacobian product with the upstream gradient ``g = dL/du*``::
 
-    w     = H⁻¹ g                                    (the backward strategy)
-    dL/dv = −∂/∂v [ wᵀ ∇_u f(v, u) ]  at u = u*      (one reverse pass; f_uv never built)
+    w     = H⁻¹ g                                         (the backward strategy)
+    dL/dv = −∂/∂v [ wᵀ ∇_u f(v, u, θ) ]  at u = u*        (one reverse pass over v and θ
+    dL/dθ = −∂/∂θ [ wᵀ ∇_u f(v, u, θ) ]  at u = u*         together; f_uv never built)
+
+**Second order.** With ``create_graph=True`` the backward is itself differentiable for the
+exact strategies: it is rebuilt from differentiable operations of ``(v, θ, u*, g)``, where
+``u*`` is the layer's own output (so a second differentiation flows through the layer
+again), and ``w = H⁻¹ g`` is differentiated through ``w₀ − S(H w₀ − g)`` with ``w₀ = H⁻¹ g``
+and ``S`` the strategy's solve: its value is ``w₀`` and its derivative
+``−H⁻¹ (dH) w₀ + H⁻¹ dg``, the derivative of ``H⁻¹ g``. The ``diagonal`` approximation has
+no such derivative and refuses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConvergenceError, ConvergenceWarning, StructureError
-from .objective import Objective, Solution, as_objective
+from . import interior_point  # noqa: F401  (registers solver="interior_point")
+from .constraints import ConstraintSet, Multipliers
+from .constraints import implicit_grads as _constrained_grads
+from .errors import CapturedTensorError, ConvergenceError, ConvergenceWarning, StructureError
+from .objective import (
+    CONVERGED,
+    INFEASIBLE,
+    MAX_ITER,
+    NO_DESCENT,
+    NONFINITE,
+    NOT_MINIMUM,
+    NOT_STATIONARY,
+    STATUS_TEXT,
+    FunctionObjective,
+    Objective,
+    Solution,
+    as_objective,
+)
+from .problem import Problem
 from .solvers import Solver, default_tol, get_solver
-from .strategies import Strategy, available_strategies, get_strategy
-from .validation import resolve_mask, zero_padding
+from .strategies import CG, Strategy, available_strategies, get_strategy
+from .validation import check_inputs, resolve_mask, zero_padding
 
-_LAYER_OPTIONS = ("tol", "max_iter", "on_nonconvergence", "damping")
+_LAYER_OPTIONS = ("tol", "max_iter", "on_nonconvergence", "damping", "init", "batched")
+
+#: The default solver is dense Newton while ``q ≤ DENSE_MAX_Q`` and the batched Hessian's work,
+#: ``V.numel() · q`` (``B·T·p·q``: ``q`` reverse passes over the data), stays below
+#: ``DENSE_MAX_WORK``; beyond, L-BFGS (gradients only). Measured on a 2-core CPU (docs/benchmarks.md).
+DENSE_MAX_Q = 32
+DENSE_MAX_WORK = 200_000
 
 
 class ArgminLayer(nn.Module):
-    """A differentiable layer ``V ↦ u*(V) = argmin_u f(V, u)``, batched.
+    """A differentiable layer ``(V, θ) ↦ u*(V, θ) = argmin_u f(V, u, θ)``, batched.
 
     Args:
-        objective: a per-sample function ``f(v, u)`` or ``f(v, u, mask)`` returning a scalar
-            (``v: (T, p)``, ``u: (q,)``, ``mask: (T,)`` bool), batched with
-            :func:`torch.func.vmap`; or an :class:`~argminlayers.Objective` with fast paths.
+        objective: a per-sample function ``f(v, u)`` or ``f(v, u, mask)``, with optional
+            keyword inputs (``f(v, u, mask, w)``), returning a scalar (``v: (T, …)``,
+            ``u: q_shape``, ``mask: (T,)`` bool) and batched with :func:`torch.func.vmap`; an
+            :class:`~torch.nn.Module` with such a ``forward``; or an
+            :class:`~argminlayers.Objective` with fast paths. Parameters of a module objective
+            are the layer's own, and get gradients.
         solver: forward solver: ``"newton"``, ``"lbfgs"``, ``"newton_cg"`` or a
             :class:`~argminlayers.solvers.Solver`. ``None`` (default) uses the objective's own
-            ``solve`` when it has one, else ``"newton"``.
-        backward: how ``H⁻¹ g`` is applied: ``"dense"`` (default), ``"diagonal"``,
-            ``"sherman_morrison"``, ``"woodbury"``, ``"cg"`` or a
-            :class:`~argminlayers.strategies.Strategy`.
+            ``solve`` when it has one, else dense Newton for small problems (``q ≤ 32`` and
+            ``B·T·p·q ≤ 2·10⁵``) and L-BFGS beyond.
+        backward: how ``H⁻¹ g`` is applied: ``"dense"``, ``"diagonal"``, ``"sherman_morrison"``,
+            ``"woodbury"``, ``"cg"`` or a :class:`~argminlayers.strategies.Strategy`. ``None``
+            (default): ``"woodbury"`` for objectives that declare low-rank structure, else
+            ``"dense"`` (reusing the forward's last factorisation) after dense Newton, else
+            ``"cg"`` (Jacobi-preconditioned when the objective has a cheap ``hessian_diag``).
         tol: relative gradient tolerance of the forward solver (default: 1e-11 in float64,
             1e-5 in float32).
         max_iter: iterations of the forward solver (default: the solver's own).
         on_nonconvergence: ``"warn"`` (default) or ``"raise"`` when a sample's solve does not
-            converge; never silent.
+            reach a minimum; never silent. Under ``"warn"`` such samples get zero gradient,
+            and the warning says so.
         damping: ``λ ≥ 0``; the backward pass uses ``(H + λI)⁻¹``. ``0`` (default) is the exact
             gradient and raises :class:`~argminlayers.SingularHessianError` at a singular or
             indefinite Hessian.
+        init: optional ``init(V, mask, **inputs) -> (B, *q_shape)``, the starting point of a
+            generic solver (default: the objective's ``init``, zeros shaped like one step of V).
+        batched: the plain function already takes whole batches and returns ``(B,)`` values
+            (sample ``b`` depending on sample ``b`` alone); ``vmap`` is skipped.
+        eq: optional equality constraints ``h(v, u) = 0``: a per-sample function ``eq(v, u)`` or
+            ``eq(v, u, mask)``, with the keyword inputs it names, returning ``(m,)``.
+        ineq: optional inequality constraints ``g(v, u) ≤ 0``, likewise returning ``(k,)``. An
+            :class:`~argminlayers.Objective` may define ``equality_constraints`` /
+            ``inequality_constraints`` instead. A constrained layer solves with
+            ``solver="interior_point"`` (or the objective's own ``solve``) and back-propagates
+            through the KKT system; see :mod:`argminlayers.constraints`. The multipliers are in
+            :meth:`solve`'s ``Solution.multipliers``.
 
     Shape:
-        ``V: (B, T, p)``, optional ``mask: (B, T)`` bool or ``lengths: (B,)`` → ``(B, q)``;
-        ``q = p`` unless the objective's ``init`` sets another width. Padded steps have no
-        influence on the output and get exactly zero gradient.
+        ``V: (B, T, *feature_shape)`` with an optional ``mask: (B, T)`` bool or
+        ``lengths: (B,)``, or any ``(B, *)`` without one; keyword inputs ``(B, *)``; output
+        ``(B, *q_shape)``, ``q_shape`` set by ``init`` (default ``V.shape[2:]``, or ``V.shape[1:]``
+        for ``V: (B, n)``). Padded steps have no influence on the output and get exactly zero
+        gradient.
+
+    Precision:
+        The solve and the backward run in float32 at least: float16/bfloat16 inputs are cast
+        up, autocast is switched off inside the layer, and the output is cast back to the
+        input's dtype.
 
     Example::
 
         >>> import torch
         >>> from argminlayers import ArgminLayer
-        >>> def robust_pool(v, u, mask):               # pseudo-Huber pooling
-        ...     return (torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum()
-        >>> pool = ArgminLayer(robust_pool, backward="cg")
+        >>> def robust_pool(v, u, mask, w):            # weighted pseudo-Huber pooling
+        ...     return (w * torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum()
+        >>> pool = ArgminLayer(robust_pool)
         >>> V = torch.randn(4, 10, 3, requires_grad=True)
-        >>> u = pool(V, lengths=torch.tensor([10, 7, 3, 1]))
+        >>> w = torch.rand(4, 10, requires_grad=True)   # per-frame weights, learnable too
+        >>> u = pool(V, lengths=torch.tensor([10, 7, 3, 1]), w=w)
         >>> u.shape
         torch.Size([4, 3])
         >>> u.sum().backward()
-        >>> bool(V.grad[3, 1:].abs().sum() == 0)        # padded steps: exactly zero gradient
-        True
+        >>> bool(V.grad[3, 1:].abs().sum() == 0), w.grad.shape   # padded steps: exactly zero
+        (True, torch.Size([4, 10]))
     """
 
     def __init__(
@@ -74,20 +136,23 @@ class ArgminLayer(nn.Module):
         objective: "Objective | Callable[..., Tensor]",
         *,
         solver: "str | Solver | None" = None,
-        backward: "str | Strategy" = "dense",
+        backward: "str | Strategy | None" = None,
+        eq: "Callable[..., Tensor] | None" = None,
+        ineq: "Callable[..., Tensor] | None" = None,
         **options: Any,
     ):
         super().__init__()
         unknown = sorted(set(options) - set(_LAYER_OPTIONS))
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; ArgminLayer accepts {list(_LAYER_OPTIONS)}")
-        self.objective = as_objective(objective)
-        self.strategy = get_strategy(backward)
+        self.objective = as_objective(objective, batched=bool(options.get("batched", False)))
+        self.constraints = ConstraintSet.of(self.objective, eq, ineq)
+        self.strategy = None if backward is None else get_strategy(backward)
         if getattr(self.strategy, "needs_low_rank", False) and not self.objective.low_rank_hessian:
             usable = [s for s in available_strategies() if s not in ("sherman_morrison", "woodbury")]
             raise StructureError(
                 f"backward={getattr(self.strategy, 'name', backward)!r} needs the Hessian declared as "
-                f"diagonal + low rank (H = D + Σ a_i b_iᵀ), which {self.objective!r} does not declare; "
+                f"diagonal + low rank (H = D + Σ a_i b_iᵀ), which {self.objective.describe()} does not declare; "
                 f"it can use {usable}"
             )
         on_nc = options.get("on_nonconvergence", "warn")
@@ -96,97 +161,658 @@ class ArgminLayer(nn.Module):
         damping = float(options.get("damping", 0.0))
         if not (damping >= 0 and math.isfinite(damping)):
             raise ValueError(f"damping must be finite and ≥ 0, got {damping}")
-        self.on_nonconvergence, self.damping = on_nc, damping
-        solver_opts = {k: options[k] for k in ("tol", "max_iter") if options.get(k) is not None}
+        init = options.get("init")
+        if init is not None and not callable(init):
+            raise TypeError(f"init must be a callable init(V, mask, **inputs) -> (B, *q_shape), got {type(init).__name__}")
+        self.on_nonconvergence, self.damping, self.init = on_nc, damping, init
+        self._solver_opts = {k: options[k] for k in ("tol", "max_iter") if options.get(k) is not None}
+        self._solvers: dict[str, Solver] = {}
+        self._probed = False
         if solver is None and self.objective.solve is not None:
-            if solver_opts:
+            if self._solver_opts:
                 raise TypeError(
-                    f"options {sorted(solver_opts)} configure a generic solver, but {self.objective!r} "
-                    "solves itself; name a solver (solver='newton') to use them"
+                    f"options {sorted(self._solver_opts)} configure a generic solver, but "
+                    f"{self.objective.describe()} solves itself; name a solver (solver='newton') to use them"
                 )
-            self.solver = None
+            self.solver: Solver | None = None
+            self._auto_solver = False
+        elif solver is None:
+            self.solver, self._auto_solver = None, True
+            # validate the options now, not at the first call
+            for name in ("newton", "lbfgs") if self.constraints is None else ("interior_point",):
+                self._solvers[name] = get_solver(name, **self._solver_opts)
         else:
-            self.solver = get_solver("newton" if solver is None else solver, **solver_opts)
-            if not isinstance(solver, (str, type(None))) and solver_opts:
+            if not isinstance(solver, str) and self._solver_opts:
                 raise TypeError("tol/max_iter go to the solver object itself when solver= is an object")
+            self.solver, self._auto_solver = get_solver(solver, **self._solver_opts), False
+            if self.constraints is not None and not getattr(self.solver, "handles_constraints", False):
+                raise TypeError(
+                    f"solver={getattr(self.solver, 'name', solver)!r} ignores constraints, and this layer has "
+                    f"{self.constraints}; use solver='interior_point' (or the objective's own solve)"
+                )
 
     def extra_repr(self) -> str:
-        solver = "objective.solve" if self.solver is None else repr(self.solver)
-        return f"objective={self.objective!r}, solver={solver}, backward={self.strategy!r}, damping={self.damping}"
+        solver = "auto" if self._auto_solver else ("objective.solve" if self.solver is None else repr(self.solver))
+        backward = "auto" if self.strategy is None else repr(self.strategy)
+        return f"solver={solver}, backward={backward}, damping={self.damping}"
 
-    # ------------------------------------------------------------------------------
-    def forward(self, V: Tensor, mask: Tensor | None = None, *, lengths: Tensor | None = None) -> Tensor:
-        """``V: (B, T, p)`` → ``(B, q)``. ``mask: (B, T)`` bool, or ``lengths: (B,)``."""
-        mask = resolve_mask(V, mask, lengths)
-        return self.forward_masked(zero_padding(V, mask), mask)
+    # ------------------------------------------------------------------------ the call
+    def forward(self, V: Tensor, mask: Tensor | None = None, *, lengths: Tensor | None = None,
+                **inputs: Tensor) -> Tensor:
+        """``V: (B, T, …)`` → ``(B, *q_shape)``. ``mask: (B, T)`` bool, or ``lengths: (B,)``;
+        keyword inputs ``(B, …)`` reach the objective by name, one sample at a time."""
+        if torch.compiler.is_compiling():  # run eagerly inside a compiled model: one graph break
+            return torch.compiler.disable(self._call)(V, mask, lengths, inputs, False)
+        return self._call(V, mask, lengths, inputs, False)
 
-    def forward_masked(self, V: Tensor, mask: Tensor) -> Tensor:
+    def forward_masked(self, V: Tensor, mask: Tensor, **inputs: Tensor) -> Tensor:
         """:meth:`forward` for input that is already validated (``resolve_mask``) and whose
         padded steps are already zero (``zero_padding``): what a pooling that wraps the
         layer calls, so that the checks and the copy are not made twice."""
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(self._call)(V, mask, None, inputs, True)
+        return self._call(V, mask, None, inputs, True)
+
+    def _call(self, V: Tensor, mask: Any, lengths: Any, inputs: dict, validated: bool) -> Tensor:
+        if not isinstance(V, Tensor):
+            raise TypeError(f"V must be a torch.Tensor of shape (B, ...), got {type(V).__name__}")
+        names = tuple(inputs)
+        self._bind(names)
+        params = {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
+        clash = sorted(set(names) & set(params))
+        if clash:
+            raise TypeError(f"keyword input(s) {clash} have the names of parameters of {self.objective.describe()}")
+        captured = self._captured()
+        # precision: solve in float32 at least, never under autocast; cast the output back
+        out_dtype = V.dtype
+        work = V.dtype if V.dtype in (torch.float32, torch.float64) or not V.is_floating_point() else torch.float32
+        if work != V.dtype:
+            V = V.to(work)
+            inputs = {k: (x.to(work) if isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16) else x)
+                      for k, x in inputs.items()}
+        tensors = (*inputs.values(), *params.values(), *captured.values())
+        # when a gradient will be asked for, the solver's records carry the graph back to V and
+        # the inputs, so that the backward reuses the last one instead of recording it again
+        track = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (V, *tensors))
+        spec = _Call(names=names, params=tuple(params), captured=tuple(captured), validated=validated,
+                     lengths=lengths, track=track)
+        ctx = contextlib.nullcontext()
+        if V.is_floating_point() and torch.is_autocast_enabled(V.device.type):
+            ctx = torch.autocast(V.device.type, enabled=False)
+        with ctx:
+            U = _ArgminFunction.apply(self, spec, V, mask, *tensors)
+        return U if U.dtype == out_dtype or not V.is_floating_point() else U.to(out_dtype)
+
+    def _bind(self, names: tuple[str, ...]) -> None:
+        """Hand each plain function (objective, constraints) the keyword inputs it takes."""
+        others: tuple[str, ...] = ()
+        if self.constraints is not None:
+            self.constraints.bind(names)
+            others = self.constraints.accepted(names)
+        if isinstance(self.objective, FunctionObjective):
+            self.objective.bind(names, others)
+
+    def _captured(self) -> dict[str, Tensor]:
+        return self.objective.captured_tensors()
+
+    # ------------------------------------------------------------------------ the solve
+    def solve(self, V: Tensor, mask: Tensor | None = None, **inputs: Tensor) -> Solution:
+        """The forward solve alone (no autograd), with convergence reported: ``V`` validated,
+        padded steps zeroed; returns the :class:`~argminlayers.Solution` (``status`` per sample,
+        ``multipliers`` for constrained problems)."""
+        mask = resolve_mask(V, mask, sequence=False)
+        V = zero_padding(V, mask)
+        check_inputs(inputs, V)
+        self._bind(tuple(inputs))
+        with torch.no_grad():
+            sol, _ = self._solve(V.detach(), {k: x.detach() for k, x in inputs.items()}, mask=mask)
+        return sol
+
+    def _solve(self, V: Tensor, inputs: dict, *, mask: Tensor) -> tuple[Solution, Problem]:
+        objective = self.objective
+        if getattr(objective, "sequence", False) and V.dim() != 3:
+            raise ValueError(
+                f"V must have 3 dimensions (B, T, p) for {objective.describe()}, got {V.dim()} with shape {tuple(V.shape)}"
+            )
         if not self.objective.uses_mask and not bool(mask.all()):
             raise ValueError(
                 "mask/lengths mark padded steps, but the objective takes no mask, so it would read them; "
                 "write it as f(v, u, mask) and leave padded steps out of the sum"
             )
-        return _ArgminFunction.apply(self, V, mask)
-
-    def solve(self, V: Tensor, mask: Tensor) -> Solution:
-        """The forward solve alone (no autograd), with convergence reported."""
-        objective = self.objective
-        with torch.no_grad():
-            if self.solver is None:
-                sol = objective.solve(V, mask)
-                if not isinstance(sol, Solution):
-                    sol = Solution(sol)
-            else:
-                sol = self.solver.minimize(objective, V, mask, objective.init(V, mask))
+        B = V.shape[0]
+        own = self.solver is None and not self._auto_solver
+        if own:
+            sol = objective.solve(V, mask, **inputs)
+            if not isinstance(sol, Solution):
+                sol = Solution(sol)
+            _check_shape(sol.u, B, V, objective, "solve")
+            problem = Problem(objective, V, mask, inputs, tuple(sol.u.shape[1:]), self.constraints)
+            if not self._probed:
+                self._probe(problem, sol.u)
+            if sol.converged is None or problem.constraints is not None:
+                sol = self._check_stationary(problem, sol)
+        else:
+            U0 = (self.init or objective.init)(V, mask, **inputs)
+            _check_shape(U0, B, V, objective, "init")
+            problem = Problem(objective, V, mask, inputs, tuple(U0.shape[1:]), self.constraints)
+            if not self._probed:
+                self._probe(problem, U0)
+            solver = self._pick_solver(problem)
+            sol = solver.minimize(problem, U0.reshape(B, -1))
+            sol.u = problem.shaped(sol.u)
+            _check_shape(sol.u, B, V, objective, f"{type(solver).__name__}.minimize")
         self._report(sol, V)
-        return sol
+        if problem.constraints is not None:
+            problem.constraints.check_padding(problem, sol.u)
+            problem.constraints.warn_degenerate(sol, objective.describe())
+        return sol, problem
+
+    def _pick_solver(self, problem: Problem) -> Solver:
+        if not self._auto_solver:
+            return self.solver
+        if problem.constraints is not None:
+            return self._solvers["interior_point"]
+        return self._solvers["newton" if _dense_pays(problem) else "lbfgs"]
+
+    def pick_strategy(self, problem: Problem, sol: Solution) -> Strategy:
+        """The backward strategy of this call: the one asked for, or the default rule."""
+        if self.strategy is not None:
+            return self.strategy
+        objective = self.objective
+        if problem.constraints is not None:  # a KKT solve: Schur with Woodbury where H_L keeps the structure
+            structured = objective.low_rank_hessian and (
+                problem.constraints.linear or getattr(objective, "lagrangian_hessian", None) is not None)
+            if structured:
+                return _auto_strategy("woodbury")
+            return _auto_strategy("dense" if problem.q <= DENSE_MAX_Q else "projected_cg")
+        if objective.low_rank_hessian:
+            return _auto_strategy("woodbury")
+        hessian = getattr(sol.state, "hessian", None)
+        if hessian is not None or _dense_pays(problem):
+            return _auto_strategy("dense")
+        jacobi = type(objective).hessian_diag is not Objective.hessian_diag
+        return _auto_strategy("cg_jacobi" if jacobi else "cg")
+
+    def _check_stationary(self, problem: Problem, sol: Solution) -> Solution:
+        """An objective's own solve that reports no convergence is checked: ``‖∇f(u)‖`` must be
+        small against ``‖∇f(0)‖`` (cheap, batched). A constrained problem's KKT conditions instead
+        (:meth:`~argminlayers.constraints.ConstraintSet.check`)."""
+        if problem.constraints is not None:
+            return problem.constraints.check(problem, sol)
+        U = sol.u.reshape(problem.batch, -1)
+        g = torch.linalg.vector_norm(problem.linearize(U, sol.state, second_order=False).grad, dim=-1)
+        g0 = torch.linalg.vector_norm(problem.linearize(torch.zeros_like(U), second_order=False).grad, dim=-1)
+        tol = 1e-6 if U.dtype == torch.float64 else 1e-3
+        ok = torch.isfinite(g) & (g <= tol * torch.where(torch.isfinite(g0), g0, torch.zeros_like(g0)).clamp_min(1.0))
+        status = torch.where(ok, CONVERGED, NOT_STATIONARY)
+        return Solution(sol.u, converged=ok, iterations=sol.iterations, grad_norm=g, state=sol.state,
+                        status=status, multipliers=sol.multipliers)
+
+    def _probe(self, problem: Problem, U0: Tensor) -> None:
+        """First call: the objective must not modify its arguments, and every tensor that
+        requires grad and that it reads must be one the layer can route gradients to."""
+        objective = self.objective
+        V1 = problem.V[:1].detach().clone()
+        inputs1 = {k: x[:1].detach().clone() for k, x in problem.inputs.items()}
+        U1 = U0[:1].detach().clone()
+        versions = [t._version for t in (V1, U1, *inputs1.values())]
+        with torch.enable_grad():
+            out = objective.value(V1, U1, problem.mask[:1], **inputs1)
+            outs = [out]
+            if problem.constraints is not None:
+                outs.append(problem.constraints.values(V1, U1, problem.mask[:1], inputs1))
+        if [t._version for t in (V1, U1, *inputs1.values())] != versions:
+            raise RuntimeError(
+                f"objective {objective.describe()} modified its arguments (v, u or a keyword input) in place; "
+                "that would corrupt the caller's tensors and the solve (this was found on copies: yours are untouched). "
+                "Compute on new tensors "
+                "(e.g. v = v * 2 instead of v *= 2)"
+            )
+        for i, out in enumerate(outs):
+            if not (isinstance(out, Tensor) and out.requires_grad):
+                continue
+            known = {id(p) for p in objective.parameters()} | {id(t) for t in self._captured().values()}
+            stops = {id(t.grad_fn) for t in self._captured().values() if t.grad_fn is not None}
+            hidden = _hidden_leaves(out, known, stops)
+            if hidden:
+                t = hidden[0]
+                kind = "an nn.Parameter" if isinstance(t, nn.Parameter) else "a tensor"
+                who = f"objective {objective.describe()}" if i == 0 else f"{problem.constraints}"
+                raise CapturedTensorError(
+                    f"{who} captures {kind} that requires grad (shape "
+                    f"{tuple(t.shape)}, {t.dtype}) through something the layer cannot see, so its gradient "
+                    "would be lost. Pass it as a keyword input instead, layer(V, name=tensor) with the "
+                    "objective taking a `name` argument, or make it a parameter of an Objective (an nn.Module)"
+                )
+        self._probed = True
 
     def _report(self, sol: Solution, V: Tensor) -> None:
-        bad = ~torch.isfinite(sol.u).all(-1)
-        if sol.converged is not None:
-            bad = bad | ~sol.converged
+        u = sol.u.reshape(sol.u.shape[0], -1)
+        nonfinite = ~torch.isfinite(u).all(-1)
+        bad = nonfinite if sol.converged is None else nonfinite | ~sol.converged
         if not bool(bad.any()):
             return
         idx = bad.nonzero().flatten().tolist()
-        gn = "" if sol.grad_norm is None else f" (‖∇f‖ = {[f'{x:.2e}' for x in sol.grad_norm[idx[:4]].tolist()]})"
+        reasons: dict[int, list[int]] = {}
+        for i in idx:
+            code = -1 if bool(nonfinite[i]) else (int(sol.status[i]) if sol.status is not None else MAX_ITER)
+            reasons.setdefault(code, []).append(i)
+        tol = self._solver_opts.get("tol", default_tol(V.dtype))
+        parts = []
+        for code, samples in reasons.items():
+            text = "the solution is NaN or infinite" if code == -1 else STATUS_TEXT.get(code, "it did not converge")
+            hint = _HINTS.get(code, "").format(tol=tol)
+            where = f"samples {samples[:8]}{' ...' if len(samples) > 8 else ''}: " if len(reasons) > 1 else ""
+            parts.append(f"{where}{text}{'; ' + hint if hint else ''}")
+        gn = ""
+        if sol.grad_norm is not None:
+            constrained = isinstance(sol.multipliers, Multipliers)
+            gn = f" ({'‖∇f + Jᵀν‖' if constrained else '‖∇f‖'} = {[f'{x:.2e}' for x in sol.grad_norm[idx[:4]].tolist()]}"
+            if constrained and sol.multipliers.violation is not None:
+                gn += f", constraint violation = {[f'{x:.2e}' for x in sol.multipliers.violation[idx[:4]].tolist()]}"
+            gn += ")"
         msg = (
-            f"the forward solve of {self.objective!r} did not converge for samples "
-            f"{idx[:8]}{' ...' if len(idx) > 8 else ''}{gn}; raise max_iter, loosen tol "
-            f"(default {default_tol(V.dtype):g}), or try another solver"
+            f"the forward solve of {self.objective.describe()} did not converge for samples "
+            f"{idx[:8]}{' ...' if len(idx) > 8 else ''}{gn}: {'. '.join(parts)}. Those samples get zero gradient."
         )
-        if self.on_nonconvergence == "raise" or not bool(torch.isfinite(sol.u).all()):
-            raise ConvergenceError(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+        facts = dict(samples=idx, statuses=[int(sol.status[i]) for i in idx] if sol.status is not None else [],
+                     grad_norms=None if sol.grad_norm is None else sol.grad_norm[idx].tolist(), tol=tol)
+        if self.on_nonconvergence == "raise" or bool(nonfinite.any()):
+            raise ConvergenceError(msg.removesuffix(" Those samples get zero gradient."), **facts)
+        warnings.warn(ConvergenceWarning(msg, **facts), stacklevel=_caller_stacklevel())
 
-    def implicit_vjp(self, V: Tensor, mask: Tensor, sol: Solution, grad_u: Tensor) -> Tensor:
-        """``dL/dV = −∂/∂V [wᵀ ∇_u f]`` with ``w = H⁻¹ grad_u``; ``(B, T, p)``."""
-        objective = self.objective
-        H = objective.hessian(V, sol.u, mask, sol.state).shifted(self.damping)
-        W = self.strategy.solve(H, grad_u)
-        # On detached tensors: dV is a plain tensor, so a second differentiation fails loudly
-        # (the Function is once_differentiable) instead of following a partial graph.
-        with torch.no_grad():
-            dV = objective.vjp_v(V.detach(), sol.u.detach(), mask, W.detach(), sol.state)
-        dV = dV.neg_()  # vjp_v returns a tensor of its own (its contract): no copy
+    # ------------------------------------------------------------------------ the backward
+    def implicit_vjp(self, V: Tensor, mask: Tensor, sol: Solution, grad_u: Tensor, **inputs: Tensor) -> Tensor:
+        """``dL/dV = −∂/∂V [wᵀ ∇_u f]`` with ``w = H⁻¹ grad_u`` for a stored solution of
+        :meth:`solve` (``V`` validated, padded steps zero): the layer's backward over ``V``
+        alone, without autograd around it; ``(B, T, …)``."""
+        self._bind(tuple(inputs))
+        problem = Problem(self.objective, V.detach().requires_grad_(True), mask,
+                          {k: x.detach() for k, x in inputs.items()}, tuple(sol.u.shape[1:]), self.constraints)
+        with torch.enable_grad():
+            dV = self.implicit_grads(problem, sol, grad_u, {"V": problem.V})["V"]
+        if dV is None:
+            return torch.zeros_like(V)
         if not bool(mask.all()):
-            dV.masked_fill_(~mask.unsqueeze(-1), 0)
+            dV = dV.masked_fill(~mask.reshape(*mask.shape, *([1] * (dV.dim() - 2))), 0)
         return dV
+
+    def implicit_grads(self, problem: Problem, sol: Solution, grad_u: Tensor, wrt: dict[str, Tensor],
+                       *, create_graph: bool = False) -> dict[str, Tensor | None]:
+        """``−∂/∂x [wᵀ ∇_u f]`` for every named tensor ``x`` of ``wrt``, with ``w = H⁻¹ grad_u``
+        (flat ``(B, q)``); one strategy solve, one reverse pass. ``create_graph``: differentiable
+        in everything (double backward)."""
+        strategy = self.pick_strategy(problem, sol)
+        if problem.constraints is not None:
+            if create_graph:
+                raise NotImplementedError("the backward of a constrained layer is not differentiable (no double backward)")
+            return _constrained_grads(self, problem, sol, grad_u, wrt, strategy)
+        B = problem.batch
+        g = grad_u.reshape(B, -1)
+        U = sol.u.reshape(B, -1)
+        if not create_graph:
+            st = sol.state
+            lin = getattr(st, "linearization", None)
+            if lin is None or lin.V is not problem.V or any(lin.inputs.get(k) is not x for k, x in problem.inputs.items()):
+                lin = problem.linearize(U.detach(), st)  # no record on these leaves to reuse
+            H = lin.hessian
+            if getattr(st, "hessian", None) is not None and not lin._own_hessian:
+                H = st.hessian  # the forward's dense Hessian at this point, already factorised
+            W = strategy.solve(H.shifted(self.damping), g)
+        else:
+            fixed = Problem(problem.objective, problem.V.detach(), problem.mask,
+                            {k: x.detach() for k, x in problem.inputs.items()}, problem.q_shape)
+            H0 = fixed.linearize(U.detach(), sol.state).hessian.shifted(self.damping)
+            with torch.no_grad():
+                W0 = strategy.solve(H0, g.detach())
+            lin = problem.linearize(U, None, create_graph=True)
+            residual = lin.hessian.shifted(self.damping).matvec(W0) - g
+            W = W0 - _Solve.apply(strategy, H0, residual)
+        grads = lin.vjp(W, wrt)
+        return {k: (None if x is None else -x) for k, x in grads.items()}
+
+
+_HINTS = {
+    MAX_ITER: "raise max_iter (or loosen tol, now {tol:g})",
+    NO_DESCENT: "no step decreases f any more: loosen tol (now {tol:g}) or try another solver",
+    NONFINITE: "check the objective where the solver starts (init=) and its domain",
+    NOT_MINIMUM: "start elsewhere (init=) or regularise the objective",
+    NOT_STATIONARY: "the solve does not minimise this objective (a constrained problem? declare eq=/ineq=)",
+    INFEASIBLE: "check that the constraints can be met together, and the starting point (init=)",
+}
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside torch and this package: warnings point at
+    the user's call, however deep the layer sits in a model."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        mod = frame.f_globals.get("__name__", "")
+        if not (mod.startswith("torch") or mod.startswith("argminlayers") or mod.startswith("poolings")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
+def _dense_pays(problem: Problem) -> bool:
+    """Whether the dense Hessian is cheap enough for the default rule (see ``DENSE_MAX_WORK``)."""
+    return problem.q <= DENSE_MAX_Q and problem.V.numel() * problem.q <= DENSE_MAX_WORK
+
+
+def _auto_strategy(name: str) -> Strategy:
+    if name not in _AUTO:
+        _AUTO[name] = CG(preconditioner="jacobi") if name == "cg_jacobi" else get_strategy(name)
+    return _AUTO[name]
+
+
+_AUTO: dict[str, Strategy] = {}
+
+
+def _leaves(V: Tensor, inputs: dict, track: bool) -> tuple[Tensor, dict]:
+    """Detached copies of ``V`` and the inputs for the solve; leaves that require grad when the
+    solve's records should carry a graph back to them (``track``)."""
+    def leaf(x: Tensor) -> Tensor:
+        x = x.detach()
+        return x.requires_grad_(True) if track and x.is_floating_point() else x
+
+    return leaf(V), {k: leaf(x) for k, x in inputs.items()}
+
+
+def _check_shape(U: Any, B: int, V: Tensor, objective: Objective, where: str) -> None:
+    if not isinstance(U, Tensor):
+        raise TypeError(f"{objective.describe()}.{where} must return a tensor (B, *q_shape), got {type(U).__name__}")
+    if U.dim() == 0 or U.shape[0] != B:
+        raise ValueError(
+            f"{objective.describe()}.{where} returned shape {tuple(U.shape)}; it must be (B, *q_shape) with "
+            f"B = {B}"
+        )
+    if U.dtype != V.dtype or U.device != V.device:
+        raise ValueError(
+            f"{objective.describe()}.{where} returned {U.dtype} on {U.device}; it must match V ({V.dtype} on {V.device})"
+        )
+
+
+def _hidden_leaves(out: Tensor, known: set[int], stops: set[int]) -> list[Tensor]:
+    """Leaf tensors requiring grad that ``out`` depends on, other than ``known`` ones
+    (the walk stops at the graph nodes in ``stops``: known non-leaf tensors)."""
+    hidden, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or id(node) in stops:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None:
+            if id(var) not in known:
+                hidden.append(var)
+            continue
+        stack.extend(n for n, _ in node.next_functions)
+    return hidden
+
+
+@contextlib.contextmanager
+def _bound_parameters(module: nn.Module, tensors: dict[str, Tensor]):
+    """Temporarily make ``module``'s parameters the given tensors (by dotted name), where they differ."""
+    swapped = []
+    for name, t in tensors.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        current = owner._parameters.get(leaf)
+        if current is not t:
+            swapped.append((owner, leaf, current))
+            owner._parameters[leaf] = t
+    try:
+        yield
+    finally:
+        for owner, leaf, current in swapped:
+            owner._parameters[leaf] = current
+
+
+def _check_captured(layer: ArgminLayer, call: "_Call", saved: tuple) -> None:
+    if not call.captured:
+        return
+    now = layer._captured()
+    changed = [n for n, t in zip(call.captured, saved) if now.get(n) is not t]
+    if changed:
+        raise RuntimeError(
+            f"objective {layer.objective.describe()} captures {changed}, which now refer to other tensors than in "
+            "the forward pass, so their gradients cannot be computed; pass them as keyword inputs instead"
+        )
+
+
+@dataclass
+class _Call:
+    """What one call hands its autograd Function besides tensors."""
+
+    names: tuple[str, ...]  # keyword inputs, in order
+    params: tuple[str, ...]  # parameters that require grad, in order
+    captured: tuple[str, ...]  # captured tensors, in order
+    validated: bool
+    lengths: Any = None
+    track: bool = False
+    sol: Solution | None = None
+    problem: Problem | None = None
+    ok: Tensor | None = None
+    mask: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+_NO_FUNC_TRANSFORMS = (
+    "{name}: torch.func derivative transforms (grad, jacrev, jacfwd, hessian, jvp) over the layer are not "
+    "supported; use torch.autograd.grad or torch.autograd.functional.jacobian/hessian, and torch.func.vmap over "
+    "the layer itself (it folds the mapped dimension into the batch)"
+)
 
 
 class _ArgminFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, layer: ArgminLayer, V: Tensor, mask: Tensor) -> Tensor:
-        sol = layer.solve(V, mask)
-        ctx.layer, ctx.sol = layer, sol
-        ctx.save_for_backward(V, mask)
-        return sol.u.clone()
+    """``(V, inputs…, parameters…, captured…) ↦ u*``: the solve, and the implicit backward."""
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_u: Tensor):
-        V, mask = ctx.saved_tensors
-        dV = ctx.layer.implicit_vjp(V, mask, ctx.sol, grad_u.contiguous())
-        return None, dV, None
+    def forward(layer: ArgminLayer, call: _Call, V: Tensor, mask: Any, *tensors: Tensor) -> Tensor:
+        n_in = len(call.names)
+        inputs = dict(zip(call.names, tensors[:n_in]))
+        if call.validated:
+            Vz = V
+        else:
+            mask = resolve_mask(V, mask, call.lengths, sequence=False)
+            Vz = zero_padding(V, mask)
+        check_inputs(inputs, Vz)
+        sol, problem = layer._solve(*_leaves(Vz, inputs, call.track), mask=mask)
+        call.sol, call.problem, call.mask = sol, problem, mask
+        conv = sol.converged
+        call.ok = None if conv is None or bool(conv.all()) else conv
+        return sol.u.clone()  # a tensor of its own: the caller may modify it
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        layer, call, V, _, *tensors = inputs
+        ctx.layer, ctx.call = layer, call
+        ctx.save_for_backward(V, output, *tensors)
+
+    @staticmethod
+    def backward(ctx: Any, grad_u: Tensor):
+        layer, call = ctx.layer, ctx.call
+        V, U, *tensors = ctx.saved_tensors
+        if torch._C._functorch.is_batchedtensor(grad_u) or torch._C._functorch.is_gradtrackingtensor(grad_u):
+            raise RuntimeError(_NO_FUNC_TRANSFORMS.format(name=type(layer).__name__))
+        needs = ctx.needs_input_grad
+        need_v, need_t = bool(needs[2]), [bool(x) for x in needs[4:]]
+        problem, mask = call.problem, call.mask
+        n_in = len(call.names)
+        g = grad_u
+        if call.ok is not None:  # samples that are not minima get no gradient (the warning said so)
+            ok = call.ok.reshape(-1, *([1] * (g.dim() - 1)))
+            g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        partial = _ImplicitPartials(layer, call, need_v, need_t)
+        n_par = len(call.params)
+        _check_captured(layer, call, tensors[n_in + n_par:])
+        # the objective is evaluated with the parameters of the forward pass (the same tensors,
+        # unless the forward ran under torch.func.functional_call or they were swapped since)
+        with _bound_parameters(layer.objective, dict(zip(call.params, tensors[n_in:n_in + n_par]))):
+            twice = torch.is_grad_enabled()
+            strategy = layer.pick_strategy(problem, call.sol)
+            name = getattr(strategy, "name", repr(strategy))
+            refuse = None
+            if twice and problem.constraints is not None:
+                refuse = ("the backward of a constrained layer (a KKT solve) is not differentiable, so its gradient "
+                          "cannot be differentiated again (no second derivatives through constraints)")
+            elif twice and not getattr(strategy, "exact", True):
+                refuse = (f"backward={name!r} approximates H⁻¹, so the layer's gradient cannot be differentiated "
+                          "again; use an exact strategy (dense, woodbury, sherman_morrison, cg) for second derivatives")
+            if refuse is not None:
+                # first-order gradients now; differentiating them again raises (never zeros)
+                with torch.no_grad():
+                    first = partial(problem.V, U.detach(), g.detach(), *problem.inputs.values(), *tensors[n_in:])
+                grads = [None if x is None else _RefuseTwice.apply(refuse, U, x) for x in first]
+            elif twice:
+                # Double backward: the partial derivatives at independent copies of (V, u*, g, inputs),
+                # with their graphs; u* is the layer's output, so a second differentiation reaches the
+                # layer again through it (the path through u* is the implicit one).
+                Vb = V if call.validated else zero_padding(V, mask)
+                grads = _Partial.apply(partial, 3 + n_in, Vb, U, g, *tensors)
+            else:
+                grads = partial(problem.V, U.detach(), g, *problem.inputs.values(), *tensors[n_in:])
+        dV, *out = grads
+        if dV is not None and not bool(mask.all()):
+            m = mask.reshape(*mask.shape, *([1] * (dV.dim() - 2)))
+            dV = torch.where(m, dV, torch.zeros((), dtype=dV.dtype, device=dV.device))
+        return (None, None, dV, None, *out)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any):
+        raise RuntimeError(_NO_FUNC_TRANSFORMS.format(name=type(ctx.layer).__name__))
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, layer: ArgminLayer, call: _Call, V: Tensor, mask: Any, *tensors: Tensor):
+        """``torch.func.vmap`` over the layer: the mapped dimension is folded into the batch."""
+        n = info.batch_size
+        d_v, d_m, *d_t = in_dims[2:]
+        n_in = len(call.names)
+        if any(d is not None for d in d_t[n_in:]):
+            raise RuntimeError(
+                f"{type(layer).__name__}: vmap over parameters or captured tensors of the objective is not "
+                "supported (they are shared by every sample); pass per-sample values as keyword inputs"
+            )
+
+        def fold(x: Any, d: Any) -> Any:
+            if not isinstance(x, Tensor):
+                return x
+            x = x.movedim(d, 0) if d is not None else x.unsqueeze(0).expand(n, *x.shape)
+            return x.reshape(n * x.shape[1], *x.shape[2:])
+
+        Vf = fold(V, d_v)
+        lengths = call.lengths
+        if isinstance(lengths, (list, tuple)):
+            lengths = torch.as_tensor(lengths, device=Vf.device)
+        if isinstance(lengths, Tensor):
+            lengths = fold(lengths, None)
+        mf = fold(mask, d_m) if isinstance(mask, Tensor) else mask
+        if isinstance(mf, (list, tuple)):
+            mf = fold(torch.as_tensor(mf, device=Vf.device), None)
+        tf = [fold(t, d) if i < n_in else t for i, (t, d) in enumerate(zip(tensors, d_t))]
+        inner = _Call(names=call.names, params=call.params, captured=call.captured, validated=call.validated,
+                      lengths=lengths)
+        U = _ArgminFunction.apply(layer, inner, Vf, mf, *tf)
+        return U.reshape(n, U.shape[0] // n, *U.shape[1:]), 0
+
+
+class _ImplicitPartials:
+    """``(V, u, g, inputs…, parameters…, captured…) ↦ −∂/∂x [wᵀ ∇_u f]`` with ``w = H⁻¹ g``, for
+    ``x`` ∈ ``(V, inputs…, parameters…, captured…)`` (``None`` where not asked for), holding ``u``
+    fixed: the partial derivatives of the implicit backward."""
+
+    def __init__(self, layer: ArgminLayer, call: _Call, need_v: bool, need_t: list[bool]):
+        self.layer, self.call, self.need_v, self.need_t = layer, call, need_v, need_t
+
+    def __call__(self, V: Tensor, U: Tensor, g: Tensor, *tensors: Tensor, create_graph: bool = False) -> list:
+        call, need_t = self.call, self.need_t
+        n_in, n_par = len(call.names), len(call.params)
+        with torch.enable_grad():
+            # the solve's own leaves when they track a graph (the record is then reused), else new ones
+            reuse = create_graph or (call.track and V.requires_grad)
+            Vb = V if reuse else V.detach().requires_grad_(self.need_v)
+            inputs = {}
+            for i, (k, x) in enumerate(zip(call.names, tensors[:n_in])):
+                inputs[k] = x if reuse else x.detach().requires_grad_(need_t[i] and x.is_floating_point())
+            wrt: dict[str, Tensor] = {"V": Vb} if self.need_v else {}
+            keys: dict[int, str] = {}  # position in `tensors` → name in `wrt`
+            for i, t in enumerate(tensors):
+                if not need_t[i]:
+                    continue
+                if i < n_in:
+                    key, x = call.names[i], inputs[call.names[i]]
+                elif i < n_in + n_par:
+                    key, x = call.params[i - n_in], t
+                else:
+                    key, x = "captured:" + call.captured[i - n_in - n_par], t
+                wrt[key], keys[i] = x, key
+            prob = Problem(self.layer.objective, Vb, call.mask, inputs, call.problem.q_shape, call.problem.constraints)
+            sol = call.sol
+            if create_graph:
+                sol = Solution(U, converged=sol.converged, state=sol.state, status=sol.status,
+                               multipliers=sol.multipliers)
+            grads = self.layer.implicit_grads(prob, sol, g, wrt, create_graph=create_graph)
+        out: list[Tensor | None] = [grads.get("V") if self.need_v else None] + [None] * len(tensors)
+        for i, key in keys.items():
+            out[1 + i] = grads.get(key)
+        return out
+
+
+class _Partial(torch.autograd.Function):
+    """Runs :class:`_ImplicitPartials` at independent leaf copies of its first ``n_leaf``
+    arguments (the others, parameters and captured tensors, are read by the objective in place)
+    and back-propagates through what it recorded: the gradients of the implicit backward."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: _ImplicitPartials, n_leaf: int, *args: Tensor):
+        with torch.enable_grad():
+            leaves = [a.detach().requires_grad_(a.is_floating_point()) for a in args[:n_leaf]]
+            ins = [*leaves, *args[n_leaf:]]
+            V, U, g, *tensors = ins
+            outs = fn(V, U, g, *tensors, create_graph=True)
+        ctx.ins, ctx.outs = ins, outs
+        return tuple(o.detach() if o is not None else None for o in outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor):
+        pairs = [(o, gr) for o, gr in zip(ctx.outs, grads) if o is not None and gr is not None and o.requires_grad]
+        diff = [x for x in ctx.ins if isinstance(x, Tensor) and x.requires_grad]
+        res: dict[int, Tensor | None] = {}
+        if pairs and diff:
+            with torch.enable_grad():
+                got = torch.autograd.grad([o for o, _ in pairs], diff, [gr for _, gr in pairs], allow_unused=True,
+                                          retain_graph=True, create_graph=torch.is_grad_enabled())
+            res = {id(x): gx for x, gx in zip(diff, got)}
+        return (None, None, *[res.get(id(x)) for x in ctx.ins])
+
+
+class _RefuseTwice(torch.autograd.Function):
+    """Identity on a first-order gradient whose backward is not differentiable (an approximate
+    strategy, a constrained layer); differentiating it again raises ``reason``, so a second
+    derivative is never silently wrong."""
+
+    @staticmethod
+    def forward(ctx: Any, reason: str, anchor: Tensor, x: Tensor) -> Tensor:
+        ctx.reason = reason
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        raise RuntimeError(ctx.reason)
+
+
+class _Solve(torch.autograd.Function):
+    """``x ↦ H⁻¹ x`` by a strategy, for a fixed (detached) Hessian; its backward is the same
+    solve (``H`` is symmetric). Carries the derivative of ``H⁻¹ g`` in double backward."""
+
+    @staticmethod
+    def forward(ctx: Any, strategy: Strategy, H: Any, x: Tensor) -> Tensor:
+        ctx.strategy, ctx.H = strategy, H
+        return strategy.solve(H, x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        with torch.no_grad():
+            return None, None, ctx.strategy.solve(ctx.H, grad)

@@ -39,6 +39,7 @@ class SquaredDistance(Objective):
     """
 
     low_rank_hessian = True
+    sequence = True
 
     def f(self, v: Tensor, u: Tensor, mask: Tensor) -> Tensor:
         return 0.5 * (((u - v) ** 2).sum(-1) * mask).sum()
@@ -74,6 +75,7 @@ class PseudoHuber(Objective):
     """
 
     low_rank_hessian = True
+    sequence = True
 
     def __init__(self, delta: float = 1.0):
         if not (delta > 0 and math.isfinite(delta)):
@@ -113,6 +115,7 @@ class LogCoshRegression(Objective):
     """
 
     low_rank_hessian = True
+    sequence = True
 
     def __init__(self, C: float = 1.0):
         if not (C > 0 and math.isfinite(C)):

@@ -1,11 +1,19 @@
 """Forward solvers: batched minimisation of ``f(v, ·)`` for every sample at once.
 
-Every solver has one required method,
-``minimize(objective, V, mask, U0) -> Solution``. Each sample stops when its own
-gradient is small (``‖∇_u f‖ ≤ tol · max(1, ‖∇_u f(u₀)‖)``); there is no Python
-loop over the batch: finished samples are frozen by a mask. A sample that has not
-converged within ``max_iter`` comes back with ``converged = False`` and the layer
-reports it.
+Every solver has one required method, ``minimize(problem, U0) -> Solution``, with
+``problem`` a :class:`~argminlayers.problem.Problem` (the objective bound to one batch)
+and flat iterates ``U: (B, q)``. There is no Python loop over the batch: finished samples
+are frozen by a mask. A sample has **converged** at ``u`` when
+
+- ``‖∇_u f‖ ≤ tol · max(1, ‖∇_u f(u₀)‖)`` (finite),
+- the Hessian is positive definite there (Cholesky succeeds, or conjugate gradient meets
+  no direction of non-positive curvature), and
+- the Newton step ``‖H⁻¹∇f‖ ≤ √tol · max(1, ‖u‖)`` is small, so a flat plateau where the
+  gradient merely underflows is not mistaken for a minimum.
+
+Any other ending is reported in ``Solution.status`` (see
+:data:`~argminlayers.objective.STATUS_TEXT`), and the layer turns it into a warning or an
+error.
 
 =========  =======================================================  =================
 name       step                                                     needs
@@ -26,10 +34,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .hessian import DenseHessian
 from .linalg import batched_cg
-from .objective import Objective, Solution
+from .objective import CONVERGED, MAX_ITER, NO_DESCENT, NONFINITE, NOT_MINIMUM, Linearization, Solution, SolverState
+from .problem import Problem
 
 _SOLVERS: dict[str, type["Solver"]] = {}
+
+
+def _norm(x: Tensor, dim: int = -1) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=dim)
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -38,7 +52,7 @@ def default_tol(dtype: torch.dtype) -> float:
 
 
 class Solver:
-    """Minimises an objective for a batch. Subclasses implement :meth:`minimize`.
+    """Minimises a batch of problems. Subclasses implement :meth:`minimize`.
 
     Args:
         tol: relative gradient tolerance; default 1e-11 (float64) or 1e-5 (float32).
@@ -46,55 +60,101 @@ class Solver:
     """
 
     name: str = "solver"
+    second_order: bool = True  # whether the solver asks for Hessian products
 
     def __init__(self, tol: float | None = None, max_iter: int = 100):
         if tol is not None and not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}")
-        if not isinstance(max_iter, int) or max_iter < 1:
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"max_iter must be an integer ≥ 1, got {max_iter!r}")
         self.tol, self.max_iter = tol, max_iter
 
-    def minimize(self, objective: Objective, V: Tensor, mask: Tensor, U0: Tensor) -> Solution:
+    def minimize(self, problem: Problem, U0: Tensor) -> Solution:
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tol={self.tol}, max_iter={self.max_iter})"
 
+    def tolerance(self, dtype: torch.dtype) -> float:
+        return self.tol if self.tol is not None else default_tol(dtype)
+
     # shared loop: every solver differs only in its search direction
     def _descend(
         self,
-        objective: Objective,
-        V: Tensor,
-        mask: Tensor,
+        problem: Problem,
         U0: Tensor,
-        direction: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
-        after_step: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None] | None = None,
+        direction: Callable[[Linearization, Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]],
+        after_step: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+        keep_hessian: bool = False,
     ) -> Solution:
-        tol = self.tol if self.tol is not None else default_tol(U0.dtype)
+        """Line-search descent along ``direction(lin, U, gnorm, active) -> (d, pd)``; ``pd`` (B,)
+        says where the Hessian is positive definite (``None``: not known, checked by CG at the end)."""
+        tol = self.tolerance(U0.dtype)
         U = U0
-        f = objective.value(V, U, mask)
-        g = objective.grad(V, U, mask)
-        gnorm = g.norm(dim=-1)
-        scale = gnorm.clamp_min(1.0)
-        converged = gnorm <= tol * scale
-        stalled = ~torch.isfinite(f) | ~torch.isfinite(gnorm)
+        lin = problem.linearize(U, second_order=self.second_order)
+        f, g = lin.value, lin.grad
+        gnorm = _norm(g)
+        finite = torch.isfinite(f) & torch.isfinite(gnorm)
+        scale = torch.where(finite, gnorm, torch.zeros_like(gnorm)).clamp_min(1.0)
+        status = torch.where(finite, MAX_ITER, NONFINITE)
+        done = ~finite
         iters = torch.zeros(U.shape[0], dtype=torch.long, device=U.device)
-        for _ in range(self.max_iter):
-            active = ~converged & ~stalled
-            if not bool(active.any()):
+        hessian = None
+        for it in range(self.max_iter + 1):
+            live = ~done
+            d, pd = direction(lin, U, gnorm, live)
+            if keep_hessian:
+                hessian = getattr(lin, "factored", None)
+            small_g = gnorm <= tol * scale
+            if pd is None:  # gradient-only direction: the curvature is checked once, at the end
+                conv, saddle = live & small_g, torch.zeros_like(live)
+            else:
+                small_d = _norm(d) <= (tol**0.5) * _norm(U).clamp_min(1.0)
+                conv = live & small_g & pd & small_d
+                saddle = live & small_g & ~pd
+            status = torch.where(conv, CONVERGED, torch.where(saddle, NOT_MINIMUM, status))
+            done = done | conv | saddle
+            active = ~done
+            if it == self.max_iter or not bool(active.any()):
                 break
-            d = direction(U, g, gnorm, active)
             d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
-            U_new, f_new, ok = armijo(objective, V, mask, U, f, g, d, active)
-            g_new = objective.grad(V, U_new, mask)
+            # the full step is recorded as the next linearization: when every sample takes it
+            # (Newton near its solution), the line search costs no extra pass
+            trial = problem.linearize(U + d, second_order=self.second_order)
+            U_new, f_new, ok, full = armijo(problem, U, f, g, d, active, first=trial.value)
+            lin = trial if full else problem.linearize(U_new, second_order=self.second_order)
+            g_new = lin.grad
             if after_step is not None:
-                after_step(U_new - U, g_new - g, active & ok, U_new, g_new)
+                after_step(U_new - U, g_new - g, active & ok)
             U, f, g = U_new, f_new, g_new
-            gnorm = g.norm(dim=-1)
+            gnorm = _norm(g)
             iters = iters + active.long()
-            stalled = stalled | (active & ~ok)
-            converged = gnorm <= tol * scale
-        return Solution(U, converged=converged, iterations=iters, grad_norm=gnorm)
+            nonfinite = active & ~torch.isfinite(gnorm)
+            stuck = active & ~ok
+            status = torch.where(nonfinite, NONFINITE, torch.where(stuck, NO_DESCENT, status))
+            done = done | nonfinite | stuck
+        if not self.second_order:
+            # a gradient-only solver knows nothing of the curvature: check it where it stopped
+            stopped = status == CONVERGED
+            pd, dn = _curvature(lin, g, stopped)
+            flat = stopped & ~(pd & (dn <= (tol**0.5) * _norm(U).clamp_min(1.0)))
+            status = torch.where(flat, NOT_MINIMUM, status)
+        converged = status == CONVERGED
+        state = SolverState(hessian=hessian, linearization=lin)
+        return Solution(U, converged=converged, iterations=iters, grad_norm=gnorm, state=state, status=status)
+
+
+def _curvature(lin: Linearization, g: Tensor, check: Tensor) -> tuple[Tensor, Tensor]:
+    """``(pd, ‖H⁻¹g‖)`` by a short conjugate-gradient run on ``H d = g`` where ``check``;
+    ``pd`` is ``False`` where a direction of non-positive curvature is met."""
+    pd = torch.ones_like(check)
+    dn = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+    if not bool(check.any()):
+        return pd, dn
+    rhs = torch.where(check.unsqueeze(-1), g, torch.zeros_like(g))
+    # a few steps suffice: a flat or negatively curved Krylov direction shows at once
+    res = batched_cg(lin.hessian.matvec, rhs, tol=1e-3, max_iter=min(g.shape[-1], 2))
+    return ~(res.negative_curvature & check), torch.where(check, _norm(res.x), dn)
 
 
 def register_solver(name: str) -> Callable[[type[Solver]], type[Solver]]:
@@ -119,21 +179,19 @@ def get_solver(spec: "str | Solver", **options) -> Solver:
         if spec not in _SOLVERS:
             raise ValueError(
                 f"solver={spec!r} is not a known solver; choose one of {available_solvers()} "
-                "or pass an object with a minimize(objective, V, mask, U0) method"
+                "or pass an object with a minimize(problem, U0) method"
             )
         return _SOLVERS[spec](**options)
     if callable(getattr(spec, "minimize", None)):
         return spec
     raise TypeError(
         f"solver must be a solver name {available_solvers()} or an object with a "
-        f"minimize(objective, V, mask, U0) method, got {type(spec).__name__}"
+        f"minimize(problem, U0) method, got {type(spec).__name__}"
     )
 
 
 def armijo(
-    objective: Objective,
-    V: Tensor,
-    mask: Tensor,
+    problem: Problem,
     U: Tensor,
     f: Tensor,
     g: Tensor,
@@ -143,23 +201,30 @@ def armijo(
     c: float = 1e-4,
     shrink: float = 0.5,
     max_steps: int = 40,
-) -> tuple[Tensor, Tensor, Tensor]:
+    first: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, bool]:
     """Batched backtracking line search: the first ``α ∈ {1, ½, ¼, …}`` with
     ``f(u + α d) ≤ f(u) + c α gᵀd`` (plus a rounding allowance), per sample.
 
-    Returns ``(U_new, f_new, ok)``; samples that are inactive, or find no step, keep ``U``
-    (``ok`` is ``False`` for the latter).
+    ``first``: ``f(u + d)`` when the caller has it already. Returns ``(U_new, f_new, ok, full)``;
+    samples that are inactive, or find no step, keep ``U`` (``ok`` is ``False`` for the latter);
+    ``full``: every active sample took the full step (``U_new = U + d``).
     """
-    slope = (g * d).sum(-1)
-    slack = 16 * torch.finfo(f.dtype).eps * f.abs()
-    alpha = torch.ones_like(f)
-    done = ~active
-    ok = torch.zeros_like(active)
-    U_new, f_new = U, f
-    for _ in range(max_steps):
+    slope = torch.linalg.vecdot(g, d)
+    bound = f + 16 * torch.finfo(f.dtype).eps * f.abs()  # f plus a rounding allowance
+    cand = U + d
+    fc = problem.value(cand) if first is None else first
+    ok = active & torch.isfinite(fc) & (fc <= bound + c * slope)
+    if bool((ok == active).all()):
+        return cand, torch.where(ok, fc, f), ok, True
+    U_new = torch.where(ok.unsqueeze(-1), cand, U)
+    f_new = torch.where(ok, fc, f)
+    done = ~active | ok
+    alpha = torch.full_like(f, shrink)
+    for _ in range(max_steps - 1):
         cand = U + alpha.unsqueeze(-1) * d
-        fc = objective.value(V, cand, mask)
-        accept = ~done & torch.isfinite(fc) & (fc <= f + c * alpha * slope + slack)
+        fc = problem.value(cand)
+        accept = ~done & torch.isfinite(fc) & (fc <= bound + c * alpha * slope)
         U_new = torch.where(accept.unsqueeze(-1), cand, U_new)
         f_new = torch.where(accept, fc, f_new)
         ok = ok | accept
@@ -167,7 +232,32 @@ def armijo(
         if bool(done.all()):
             break
         alpha = torch.where(done, alpha, alpha * shrink)
-    return U_new, f_new, ok
+    return U_new, f_new, ok, False
+
+
+def damped_cholesky(H: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    """``(L, pd)``: the Cholesky factor of ``H + λI`` with ``λ = 0`` where ``H`` is positive
+    definite (``pd``), else the smallest ``λ`` of a ×10 ladder from ``1e-8 · max|H_ii|`` that
+    makes the factorisation succeed (only for ``active`` samples)."""
+    L, info = torch.linalg.cholesky_ex(H)
+    pivots = L.diagonal(dim1=-2, dim2=-1)
+    p2 = pivots * pivots
+    # a pivot² below 10·eps of the largest is a singular matrix that Cholesky "factorised"
+    tiny = p2.amin(-1) <= 10 * torch.finfo(H.dtype).eps * p2.amax(-1)
+    pd = (info == 0) & ~tiny & torch.isfinite(pivots).all(-1)
+    failing = ~pd & active
+    if bool(failing.any()):
+        eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+        base = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(torch.finfo(H.dtype).tiny)
+        lam = torch.zeros_like(base)
+        for _ in range(30):
+            lam = torch.where(failing, torch.where(lam == 0, 1e-8 * base, 10 * lam), lam)
+            L2, info2 = torch.linalg.cholesky_ex(H + lam[:, None, None] * eye)
+            L = torch.where(failing[:, None, None], L2, L)
+            failing = failing & (info2 > 0)
+            if not bool(failing.any()):
+                break
+    return L, pd
 
 
 @register_solver("newton")
@@ -175,60 +265,63 @@ class Newton(Solver):
     """Damped Newton: ``(H + λI) d = −g`` with ``λ = 0`` whenever ``H`` is positive
     definite (then convergence is quadratic), else the smallest ``λ`` in a ×10 ladder
     that makes the Cholesky factorisation succeed. Costs a dense ``q × q`` Hessian
-    and an ``O(q³)`` factorisation per iteration."""
+    (``q`` Hessian–vector products in one batched pass) and an ``O(q³)`` factorisation per
+    iteration. The last Hessian and its factor are handed to the backward pass."""
 
-    def minimize(self, objective: Objective, V: Tensor, mask: Tensor, U0: Tensor) -> Solution:
-        def direction(U, g, gnorm, active):
-            H = objective.hessian(V, U, mask).dense()
+    def minimize(self, problem: Problem, U0: Tensor) -> Solution:
+        def direction(lin, U, gnorm, active):
+            H = lin.hessian.dense()
+            L, pd = damped_cholesky(H, active)
+            # the factor of H itself where it is positive definite (the backward reuses it), the
+            # identity elsewhere: those samples are not minima and get no gradient
             eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-            L, info = torch.linalg.cholesky_ex(H)
-            base = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(torch.finfo(H.dtype).tiny)
-            lam = torch.zeros_like(base)
-            for _ in range(30):
-                failing = (info > 0) & active
-                if not bool(failing.any()):
-                    break
-                lam = torch.where(failing, torch.where(lam == 0, 1e-8 * base, 10 * lam), lam)
-                L, info = torch.linalg.cholesky_ex(H + lam[:, None, None] * eye)
-            return -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+            lin.factored = DenseHessian(H, torch.where(pd[:, None, None], L, eye))
+            d = -torch.cholesky_solve(lin.grad.unsqueeze(-1), L).squeeze(-1)
+            return d, pd
 
-        return self._descend(objective, V, mask, U0, direction)
+        return self._descend(problem, U0, direction, keep_hessian=True)
 
 
 @register_solver("newton_cg")
 class NewtonCG(Solver):
     """Inexact Newton: ``H d = −g`` solved by conjugate gradient on Hessian–vector
     products to a relative residual ``min(½, √(‖g‖/scale))``, truncated at negative
-    curvature (falling back to ``−g``). Never builds ``H``."""
+    curvature (falling back to ``−g``). Never builds ``H``: each product replays one
+    recorded reverse pass."""
 
     def __init__(self, tol: float | None = None, max_iter: int = 100, cg_max_iter: int | None = None):
         super().__init__(tol, max_iter)
         self.cg_max_iter = cg_max_iter
 
-    def minimize(self, objective: Objective, V: Tensor, mask: Tensor, U0: Tensor) -> Solution:
-        cg_iters = self.cg_max_iter or max(2 * U0.shape[-1], 50)
+    def minimize(self, problem: Problem, U0: Tensor) -> Solution:
+        cg_iters = self.cg_max_iter or max(2 * problem.q, 50)
         scale: list[Tensor] = []  # ‖∇f(u₀)‖, from the first call
 
-        def direction(U, g, gnorm, active):
+        def direction(lin, U, gnorm, active):
             if not scale:
                 scale.append(gnorm.clamp_min(1.0))
-            H = objective.hessian(V, U, mask)
+            g = lin.grad
             forcing = (gnorm / scale[0]).sqrt().clamp(min=1e-14, max=0.5)  # (B,), per sample
-            res = batched_cg(H.matvec, -g, tol=forcing, max_iter=cg_iters)
+            rhs = torch.where(active.unsqueeze(-1), -g, torch.zeros_like(g))
+            res = batched_cg(lin.hessian.matvec, rhs, tol=forcing, max_iter=cg_iters)
             fallback = res.x.abs().amax(-1) == 0
             d = torch.where(fallback.unsqueeze(-1), -g, res.x)
             descent = (d * g).sum(-1) < 0
-            return torch.where(descent.unsqueeze(-1), d, -g)
+            d = torch.where(descent.unsqueeze(-1), d, -g)
+            return d, ~res.negative_curvature
 
-        return self._descend(objective, V, mask, U0, direction)
+        return self._descend(problem, U0, direction)
 
 
 @register_solver("lbfgs")
 class LBFGS(Solver):
     """Limited-memory BFGS: the two-loop recursion over the last ``history`` pairs
     ``(s, y)``, kept per sample (a pair is stored only where ``sᵀy > 0``), with Armijo
-    backtracking. Gradients only; convergence is superlinear, so it needs more
-    iterations than Newton: ``max_iter`` defaults to 500."""
+    backtracking. Gradients only (the curvature at the end is checked by a short
+    conjugate-gradient run); convergence is superlinear, so it needs more iterations than
+    Newton: ``max_iter`` defaults to 500."""
+
+    second_order = False
 
     def __init__(self, tol: float | None = None, max_iter: int = 500, history: int = 10):
         super().__init__(tol, max_iter)
@@ -236,42 +329,44 @@ class LBFGS(Solver):
             raise ValueError(f"history must be ≥ 1, got {history}")
         self.history = history
 
-    def minimize(self, objective: Objective, V: Tensor, mask: Tensor, U0: Tensor) -> Solution:
+    def minimize(self, problem: Problem, U0: Tensor) -> Solution:
         B, q = U0.shape
         m = self.history
-        S = U0.new_zeros(B, m, q)
-        Y = U0.new_zeros(B, m, q)
-        rho = U0.new_zeros(B, m)
+        S = U0.new_zeros(m, B, q)  # slot-major: S[j] is contiguous
+        Y = U0.new_zeros(m, B, q)
+        rho = U0.new_zeros(m, B)
         gamma = U0.new_ones(B)
         first = torch.ones(B, dtype=torch.bool, device=U0.device)
-        slot = [0]
+        slot, filled = [0], [0]
 
-        def direction(U, g, gnorm, active):
-            r = g.clone()
-            order = [(slot[0] - 1 - j) % m for j in range(m)]  # newest first
-            alphas = {}
+        def direction(lin, U, gnorm, active):
+            g = lin.grad
+            r = g
+            order = [(slot[0] - 1 - j) % m for j in range(filled[0])]  # newest first, stored pairs only
+            alphas = []
+            dot = torch.linalg.vecdot
             for j in order:
-                a = rho[:, j] * (S[:, j] * r).sum(-1)
-                alphas[j] = a
-                r = r - a.unsqueeze(-1) * Y[:, j]
+                a = (rho[j] * dot(S[j], r)).unsqueeze(-1)
+                alphas.append(a)
+                r = r - a * Y[j]
             r = gamma.unsqueeze(-1) * r
-            for j in reversed(order):
-                b = rho[:, j] * (Y[:, j] * r).sum(-1)
-                r = r + (alphas[j] - b).unsqueeze(-1) * S[:, j]
+            for j, a in zip(reversed(order), reversed(alphas)):
+                r = r + (a - (rho[j] * dot(Y[j], r)).unsqueeze(-1)) * S[j]
             # first step: a unit-length steepest-descent step, scaled by the gradient
             r = torch.where(first.unsqueeze(-1), g / gnorm.clamp_min(1.0).unsqueeze(-1), r)
-            return -r
+            return -r, None
 
-        def after_step(s, y, stepped, U_new, g_new):
+        def after_step(s, y, stepped):
             sy = (s * y).sum(-1)
             yy = (y * y).sum(-1)
-            good = stepped & (sy > torch.finfo(s.dtype).eps * s.norm(dim=-1) * y.norm(dim=-1))
+            good = stepped & (sy > torch.finfo(s.dtype).eps * _norm(s) * _norm(y))
             j = slot[0]
-            S[:, j] = torch.where(good.unsqueeze(-1), s, torch.zeros_like(s))
-            Y[:, j] = torch.where(good.unsqueeze(-1), y, torch.zeros_like(y))
-            rho[:, j] = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
+            S[j] = torch.where(good.unsqueeze(-1), s, torch.zeros_like(s))
+            Y[j] = torch.where(good.unsqueeze(-1), y, torch.zeros_like(y))
+            rho[j] = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
             gamma.copy_(torch.where(good, sy / torch.where(good, yy, torch.ones_like(yy)), gamma))
             first.copy_(first & ~good)
             slot[0] = (j + 1) % m
+            filled[0] = min(filled[0] + 1, m)
 
-        return self._descend(objective, V, mask, U0, direction, after_step)
+        return self._descend(problem, U0, direction, after_step)

@@ -15,6 +15,12 @@ woodbury           solve in the ``n``-space             ``O(n² q + n³)``      
 cg                 conjugate gradient on ``H x``        ``k`` Hessian–vector prods   to tol
 =================  ==================================  ===========================  ========
 
+A constrained layer calls ``solve_kkt(hessian, jacobian, g)`` instead, for the KKT system
+``[H Jᵀ; J 0][w; z] = [g; 0]`` (:mod:`argminlayers.kkt`): ``dense`` factorises the full KKT
+matrix, every other strategy by default solves the Schur complement ``J H⁻¹ Jᵀ`` with its own
+``H⁻¹`` through ``solve_many`` (``k`` right-hand sides at once; by default ``k`` calls of
+``solve``).
+
 A new strategy is a subclass of :class:`Strategy` with a ``solve`` method, made
 available by name with :func:`register_strategy`::
 
@@ -58,6 +64,18 @@ class Strategy:
 
     def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def solve_many(self, hessian: HessianOperator, G: Tensor) -> Tensor:
+        """``H⁻¹ G`` for ``k`` right-hand sides ``G: (B, q, k)``; by default ``k`` calls of :meth:`solve`."""
+        return torch.stack([self.solve(hessian, G[..., j]) for j in range(G.shape[-1])], dim=-1)
+
+    def solve_kkt(self, hessian: HessianOperator, jacobian, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``(w, z)`` with ``[H Jᵀ; J 0][w; z] = [g; 0]`` for the active constraints ``J`` of a constrained
+        layer (a :class:`~argminlayers.kkt.ConstraintJacobian`): by default the Schur complement with this
+        strategy's ``H⁻¹`` (:func:`~argminlayers.kkt.schur_kkt_solve`)."""
+        from .kkt import schur_kkt_solve
+
+        return schur_kkt_solve(self, hessian, jacobian, g)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -123,13 +141,25 @@ class Dense(Strategy):
     """``w = H⁻¹ g`` by batched Cholesky of the materialised Hessian.
 
     Cost ``O(q³)`` per sample plus building ``H`` (``q`` Hessian–vector products for a
-    matrix-free objective). Exact. Raises :class:`SingularHessianError` when ``H`` is
+    matrix-free objective), or ``O(q²)`` when the operator carries its factor already
+    (dense Newton's last step). Exact. Raises :class:`SingularHessianError` when ``H`` is
     not positive definite: at a strict local minimum it always is.
     """
 
     def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
-        L = cholesky_or_raise(hessian.dense())
-        return _check_finite(torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1), self.name)
+        return self.solve_many(hessian, g.unsqueeze(-1)).squeeze(-1)
+
+    def solve_many(self, hessian: HessianOperator, G: Tensor) -> Tensor:
+        L = getattr(hessian, "factor", None)
+        if L is None:
+            L = cholesky_or_raise(hessian.dense())
+        return _check_finite(torch.cholesky_solve(G, L), self.name)
+
+    def solve_kkt(self, hessian: HessianOperator, jacobian, g: Tensor) -> tuple[Tensor, Tensor]:
+        """The full KKT matrix, by LU (:func:`~argminlayers.kkt.dense_kkt_solve`)."""
+        from .kkt import dense_kkt_solve
+
+        return dense_kkt_solve(hessian, jacobian, g, self.name)
 
 
 @register_strategy("diagonal")
@@ -143,6 +173,9 @@ class Diagonal(Strategy):
     exact = False
 
     def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
+        return self.solve_many(hessian, g.unsqueeze(-1)).squeeze(-1)
+
+    def solve_many(self, hessian: HessianOperator, G: Tensor) -> Tensor:
         d = hessian.diagonal()
         bad = ~(d > 0).all(-1)
         if bool(bad.any()):
@@ -150,7 +183,7 @@ class Diagonal(Strategy):
                 f"backward='diagonal' met a non-positive Hessian diagonal for samples "
                 f"{bad.nonzero().flatten().tolist()[:8]}; pass damping=λ > 0 to the layer"
             )
-        return g / d
+        return G / d.unsqueeze(-1)
 
 
 @register_strategy("sherman_morrison")
@@ -201,23 +234,40 @@ class Woodbury(Strategy):
         Dinv_g = g / lr.d  # (B, q)
         if lr.rank == 0:
             return _check_finite(Dinv_g, self.name)
-        z = lr.apply_B(Dinv_g).unsqueeze(-1)  # (B, n, 1)
-        if lr.capacitance_factor is not None:
-            y = torch.cholesky_solve(z, lr.capacitance_factor)
-        else:
-            cap = lr.capacitance()  # (B, n, n)
-            if lr.symmetric and bool((lr.d > 0).all()):
-                y = torch.cholesky_solve(z, cholesky_or_raise(cap, "capacitance matrix I + A D⁻¹ Aᵀ"))
-            else:
-                LU, piv, info = torch.linalg.lu_factor_ex(cap)
-                if bool((info > 0).any()):
-                    raise SingularHessianError(
-                        "backward='woodbury': the capacitance matrix I + B D⁻¹ Aᵀ is singular for samples "
-                        f"{(info > 0).nonzero().flatten().tolist()[:8]}"
-                    )
-                y = torch.linalg.lu_solve(LU, piv, z)
+        y = self._capacitance_solve(lr, lr.apply_B(Dinv_g).unsqueeze(-1))  # (B, n, 1)
         w = Dinv_g - lr.apply_At(y.squeeze(-1)) / lr.d
         return _check_finite(w, self.name)
+
+    def solve_many(self, hessian: HessianOperator, G: Tensor) -> Tensor:
+        """``k`` right-hand sides ``(B, q, k)`` with one factorisation of the capacitance matrix."""
+        lr = _require_low_rank(hessian, self.name)
+        if not bool((lr.d != 0).all()):
+            raise SingularHessianError("backward='woodbury' needs a non-zero diagonal D")
+        Dinv_G = G / lr.d.unsqueeze(-1)  # (B, q, k)
+        if lr.rank == 0:
+            return _check_finite(Dinv_G, self.name)
+        s = None if lr.row_scale is None else lr.row_scale.unsqueeze(-1)  # (B, n, 1)
+        Z = torch.bmm(lr.right, Dinv_G)  # (B, n, k)
+        Y = self._capacitance_solve(lr, Z if s is None else Z * s)
+        Y = Y if s is None else Y * s
+        W = Dinv_G - torch.bmm(lr.A.transpose(1, 2), Y) / lr.d.unsqueeze(-1)
+        return _check_finite(W, self.name)
+
+    @staticmethod
+    def _capacitance_solve(lr: LowRankHessian, Z: Tensor) -> Tensor:
+        """``(I + B D⁻¹ Aᵀ)⁻¹ Z`` for ``Z: (B, n, k)``, by the forward's factor when there is one."""
+        if lr.capacitance_factor is not None:
+            return torch.cholesky_solve(Z, lr.capacitance_factor)
+        cap = lr.capacitance()  # (B, n, n)
+        if lr.symmetric and bool((lr.d > 0).all()):
+            return torch.cholesky_solve(Z, cholesky_or_raise(cap, "capacitance matrix I + A D⁻¹ Aᵀ"))
+        LU, piv, info = torch.linalg.lu_factor_ex(cap)
+        if bool((info > 0).any()):
+            raise SingularHessianError(
+                "backward='woodbury': the capacitance matrix I + B D⁻¹ Aᵀ is singular for samples "
+                f"{(info > 0).nonzero().flatten().tolist()[:8]}"
+            )
+        return torch.linalg.lu_solve(LU, piv, Z)
 
 
 @register_strategy("cg")
@@ -265,20 +315,24 @@ class CG(Strategy):
         res = batched_cg(hessian.matvec, g, tol=tol, max_iter=max_iter, precond=precond)
         if bool(res.negative_curvature.any()):
             raise SingularHessianError(
-                "backward='cg' met non-positive curvature for samples "
+                f"backward={self.name!r} met non-positive curvature for samples "
                 f"{res.negative_curvature.nonzero().flatten().tolist()[:8]}: the Hessian at the solution is "
                 "not positive definite; pass damping=λ > 0 to the layer"
             )
+        self._report(res, tol, max_iter)
+        return res.x
+
+    def _report(self, res, tol: float, max_iter: int) -> None:
+        """Warn (or raise) for samples whose conjugate-gradient run did not reach ``tol``."""
         if not bool(res.converged.all()):
             bad = (~res.converged).nonzero().flatten().tolist()
             msg = (
-                f"backward='cg' did not reach tol={tol:g} within max_iter={max_iter} for samples {bad[:8]}; "
+                f"backward={self.name!r} did not reach tol={tol:g} within max_iter={max_iter} for samples {bad[:8]}; "
                 "raise max_iter, use preconditioner='jacobi', or use an exact strategy"
             )
             if self.on_nonconvergence == "raise":
                 raise ConvergenceError(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=3)
-        return res.x
+            warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
     def __repr__(self) -> str:
         return f"CG(tol={self.tol}, max_iter={self.max_iter}, preconditioner={self.preconditioner!r})"

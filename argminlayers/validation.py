@@ -51,12 +51,27 @@ def step_positions(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.cumsum(m, dim=-1) * m
 
 
+def check_batch(V: Tensor, name: str = "V") -> None:
+    """``V`` must be a floating tensor of shape ``(B, *)`` with ``B ≥ 1`` and no empty dimension."""
+    if not isinstance(V, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, ...), got {type(V).__name__}")
+    if V.dim() == 0:
+        raise ValueError(f"{name} must have a batch dimension (B, ...), got a scalar")
+    if not V.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {V.dtype}")
+    if V.dim() >= 2 and V.shape[1] == 0:
+        raise ValueError(f"{name} has T = 0 time steps (shape {tuple(V.shape)}); every sequence needs at least one")
+    if V.numel() == 0:
+        raise ValueError(f"{name} must have B ≥ 1 and no empty dimension, got shape {tuple(V.shape)}")
+
+
 def resolve_mask(
     V: Tensor,
     mask: Tensor | None = None,
     lengths: Tensor | None = None,
     *,
     name: str = "V",
+    sequence: bool = True,
 ) -> Tensor:
     """Validate ``V`` and return a ``(B, T)`` boolean mask of its valid steps.
 
@@ -64,15 +79,25 @@ def resolve_mask(
     lengths; ``lengths`` is the explicit form of the latter. Without either, every step
     is valid. Non-finite values are rejected at valid steps only: padded steps are
     never read.
+
+    ``sequence=True`` requires ``V: (B, T, p)`` (the poolings); ``sequence=False`` accepts
+    any ``(B, T, …)`` with a mask over ``T``, or any ``(B, …)`` without one (then ``T`` is
+    ``V.shape[1]``, or 1 for ``V: (B,)``).
     """
-    check_sequence(V, name)
-    B, T, _ = V.shape
+    if sequence:
+        check_sequence(V, name)
+    else:
+        check_batch(V, name)
+    B = V.shape[0]
+    T = V.shape[1] if V.dim() >= 2 else 1
     if mask is not None and lengths is not None:
         raise ValueError("pass either mask or lengths, not both")
     if mask is not None and not isinstance(mask, Tensor) and isinstance(mask, (list, tuple)):
         mask = torch.as_tensor(mask, device=V.device)  # a list of lengths or of mask rows
     if mask is not None and isinstance(mask, Tensor) and mask.dim() == 1 and mask.dtype != torch.bool:
         lengths, mask = mask, None
+    if (mask is not None or lengths is not None) and V.dim() < 2:
+        raise ValueError(f"mask/lengths mark steps along dimension 1 of {name}, which has shape {tuple(V.shape)}")
     if lengths is not None:
         if not isinstance(lengths, Tensor):
             lengths = torch.as_tensor(lengths, device=V.device)
@@ -101,9 +126,10 @@ def resolve_mask(
     # A NaN or Inf anywhere in a step makes its sum non-finite: one read pass over V,
     # no (B, T, p) temporary. (A finite step whose sum overflows is flagged too; its
     # values would overflow inside any objective anyway.)
-    bad = ~torch.isfinite(V.sum(dim=-1)) & mask
+    steps = V.reshape(B, T, -1)
+    bad = ~torch.isfinite(steps.sum(dim=-1)) & mask
     if bool(bad.any()):
-        bad = ~torch.isfinite(V).all(dim=-1) & mask  # the exact culprits, for the message
+        bad = ~torch.isfinite(steps).all(dim=-1) & mask  # the exact culprits, for the message
         b, t = bad.nonzero()[0].tolist() if bool(bad.any()) else (0, 0)
         raise ValueError(
             f"{name} contains NaN or Inf at {int(bad.sum())} valid step(s), first at sample {b}, step {t}"
@@ -119,4 +145,32 @@ def zero_padding(V: Tensor, mask: Tensor) -> Tensor:
     """
     if bool(mask.all()):
         return V
-    return torch.where(mask.unsqueeze(-1), V, torch.zeros((), dtype=V.dtype, device=V.device))
+    m = mask.reshape(*mask.shape, *([1] * (V.dim() - 2)))
+    return torch.where(m, V, torch.zeros((), dtype=V.dtype, device=V.device))
+
+
+_RESERVED = frozenset({"v", "u", "mask", "lengths", "V", "U", "state", "wrt", "W"})
+
+
+def check_inputs(inputs: dict, V: Tensor, reserved: frozenset[str] = _RESERVED) -> dict:
+    """Keyword inputs of a layer: tensors with leading dimension ``B`` on ``V``'s device;
+    floating ones finite. Errors name the input."""
+    B = V.shape[0]
+    for name, x in inputs.items():
+        if name in reserved:
+            raise TypeError(f"keyword input {name!r} is reserved by the layer; rename it")
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"keyword input {name!r} must be a torch.Tensor with leading dimension B = {B}, got "
+                f"{type(x).__name__}; constants belong in the objective (e.g. a buffer of an Objective)"
+            )
+        if x.dim() == 0 or x.shape[0] != B:
+            raise ValueError(
+                f"keyword input {name!r} must have leading dimension B = {B} (one slice per sample), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.device != V.device:
+            raise ValueError(f"keyword input {name!r} is on {x.device} but V is on {V.device}; move them to one device")
+        if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"keyword input {name!r} contains NaN or Inf")
+    return inputs

@@ -36,6 +36,12 @@ from argminlayers.check import errors
 REFERENCES: dict[str, tuple[str, ...]] = {"rank": ("cvxpylayers", "theseus"), "avg": ("cvxpylayers",)}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
+# Constrained problems (simplex, l1_ball, box_qp, eq_lsq): their layers, cvxpylayers programs and
+# accuracy measures live in poolings.reference.cvxpy_constrained.
+from poolings.reference.cvxpy_constrained import CHECKS as CONSTRAINED  # noqa: E402
+
+REFERENCES.update({name: ("cvxpylayers",) for name in CONSTRAINED})
+
 
 # ----------------------------------------------------------------------------- factories
 
@@ -44,6 +50,8 @@ def make_pooling(pooling: str, *, C: float, eps: float, backward: str) -> nn.Mod
     """The layer under test: ``poolings.RankPool`` or ``poolings.AvgPool``."""
     from poolings import AvgPool, RankPool
 
+    if pooling in CONSTRAINED:
+        return CONSTRAINED[pooling].layer(backward)
     if pooling == "rank":
         return RankPool(C=C, eps=eps, backward=backward)
     if pooling == "avg":
@@ -63,6 +71,8 @@ def make_reference(name: str, pooling: str, *, C: float, eps: float) -> nn.Modul
         from poolings.reference.cvxpy_ref import _import_cvxpy
 
         _import_cvxpy()
+        if pooling in CONSTRAINED:
+            return CONSTRAINED[pooling].reference()
         return reference.CvxpyRankPool(C=C, eps=eps) if pooling == "rank" else reference.CvxpyAvgPool()
     from poolings.reference.theseus_ref import _import_theseus
 
@@ -126,11 +136,13 @@ def crosscheck(
     variable_lengths: bool = False,
     device: str = "cpu",
     repeat: int = 1,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Compare the layer with each reference; returns a JSON-ready dict (see the module docstring).
 
     Times are the best of ``repeat`` forward+backward runs, the layer's after one warm-up
-    run and a cvxpylayers reference's after its layers are built.
+    run and a cvxpylayers reference's after its layers are built. ``threads`` sets
+    ``torch.set_num_threads`` (``None`` keeps the process's setting); it is recorded.
     """
     if pooling not in REFERENCES:
         raise ValueError(f"pooling must be one of {sorted(REFERENCES)}, got {pooling!r}")
@@ -150,7 +162,10 @@ def crosscheck(
         check_rank_params(C, eps)
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
-    dev = torch.device(device)
+    from poolings.runtime import resolve_device, set_threads
+
+    dev = resolve_device(device)
+    set_threads(threads)
     V, lengths, G = make_inputs(B, T, p, seed=seed, variable_lengths=variable_lengths)
     V, lengths, G = V.to(dev), lengths.to(dev), G.to(dev)
 
@@ -164,7 +179,7 @@ def crosscheck(
         "config": {
             "pooling": pooling, "B": B, "T": T, "p": p, "C": C, "eps": eps, "backward": backward,
             "dtype": dtype, "seed": seed, "variable_lengths": variable_lengths, "device": str(dev),
-            "lengths": lengths.tolist(), "repeat": repeat,
+            "lengths": lengths.tolist(), "repeat": repeat, "threads": torch.get_num_threads(),
         },
         "ours": {"seconds": ours_s, "kkt_residual": kkt_of(V, U, lengths).max().item()},
         "references": [],
@@ -206,6 +221,8 @@ def _mask(lengths: Tensor, T: int) -> Tensor:
 def _kkt_function(pooling: str, C: float, eps: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     from poolings.reference import avg_pool_grad_u, prepare_sequences, rank_pool_grad_u, relative_kkt_residual
 
+    if pooling in CONSTRAINED:
+        return CONSTRAINED[pooling].accuracy
     if pooling == "rank":
         return lambda V, U, n: relative_kkt_residual(rank_pool_grad_u(V, U, n, C, eps), U)
     return lambda V, U, n: relative_kkt_residual(avg_pool_grad_u(V, U, n), U, scale=prepare_sequences(V, n)[2])
@@ -225,7 +242,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"argminlayers check: pooling={c['pooling']} backward={c['backward']} dtype={c['dtype']} "
         f"B={c['B']} T={c['T']} p={c['p']}" + (f" C={c['C']} eps={c['eps']}" if c["pooling"] == "rank" else "")
-        + f" seed={c['seed']} device={c['device']}",
+        + f" seed={c['seed']} device={c['device']}" + (f" threads={c['threads']}" if "threads" in c else ""),
         f"lengths: {lengths}",
         f"ours: forward+backward {result['ours']['seconds']:.4f} s, "
         f"KKT residual {result['ours']['kkt_residual']:.2e}",
@@ -283,23 +300,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--variable-lengths", action="store_true",
         help="first length T, the others random in T//2..T-1 (a padded batch)",
     )
-    p.add_argument("--device", default="cpu", help="device of the layer and the inputs (default cpu)")
+    p.add_argument("--device", default="cpu", help="device of the layer and the inputs: cpu, cuda or cuda:N "
+                                                   "(default cpu)")
     p.add_argument("--repeat", type=int, default=1, help="report the best time of this many runs (default 1)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch intra-op CPU threads (default 1: on shared cores more threads made the layer's "
+                        "timings 8-17x slower; see docs/video.md)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=run)
 
 
+def _check_json_path(path: Path) -> None:
+    """Refuse, before any work, a --json path that is a folder or lies under a file."""
+    from poolings.runtime import check_out_dir
+
+    if path.is_dir():
+        raise IsADirectoryError(f"--json: {path} is a folder; give a file path such as {path / 'check.json'}")
+    check_out_dir(path.parent, "--json")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the cross-check, print the table, write the JSON; exit status 2 on bad arguments."""
+    """Run the cross-check, print the table, write the JSON; exit status 2 on bad arguments.
+
+    A failure of a solver during the run (``ConvergenceError``, ``SingularHessianError``) propagates.
+    """
     refs = None if args.refs is None else [r.strip() for r in args.refs.split(",") if r.strip()]
+    if args.json is not None:
+        _check_json_path(args.json)
     try:
         result = crosscheck(
             args.pooling, B=args.B, T=args.T, p=args.p, C=args.C, eps=args.eps, backward=args.backward,
             dtype=args.dtype, refs=refs, seed=args.seed, variable_lengths=args.variable_lengths,
-            device=args.device, repeat=args.repeat,
+            device=args.device, repeat=args.repeat, threads=args.threads,
         )
-    except (ValueError, TypeError, ImportError) as exc:  # bad arguments or a missing package;
-        # a failure of a solver during the run (ConvergenceError, SingularHessianError) propagates
+    except TypeError as exc:  # a bad argument found by the layer
         print(f"argminlayers check: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(result))

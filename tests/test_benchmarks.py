@@ -192,19 +192,64 @@ def test_limit_through_the_command_line(tmp_path):
     assert "Layer ≤ 4× Gram" in md and ("met" in md or "missed" in md)
     assert all(r["gram"]["n"] == 1 for r in data["results"])
     index = index_path(out)
-    assert index == tmp_path / "bench.md" and index.exists()
+    assert index == out / "benchmarks.md" and index.exists()      # inside OUT, nothing written beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
     text = index.read_text()
-    assert "## The limit" in text and "](bench/limit.png)" in text
+    assert "## The limit" in text and "](limit.png)" in text
     assert "Not run yet: `argminlayers bench strategies`" in text
 
 
-def test_index_collects_sections_verbatim(tmp_path):
+@pytest.mark.parametrize("published", [False, True])
+def test_index_collects_sections_verbatim(tmp_path, monkeypatch, published):
+    from poolings.bench import report
+
     out = tmp_path / "docs" / "benchmarks"
     out.mkdir(parents=True)
+    if published:  # as if this folder were the repository's docs/benchmarks
+        monkeypatch.setattr(report, "publish_dir", lambda: out)
     (out / "throughput.md").write_text("## Training throughput\n\n| a |\n|---|\n| 1 |\n\n![t](throughput.png)\n")
-    text = write_index(out).read_text()
-    assert "| a |\n|---|\n| 1 |" in text and "![t](benchmarks/throughput.png)" in text
-    assert "[throughput](#training-throughput)" in text
+    index = write_index(out)
+    assert index == (tmp_path / "docs" / "benchmarks.md" if published else out / "benchmarks.md")
+    text = index.read_text()
+    assert "| a |\n|---|\n| 1 |" in text and "[throughput](#training-throughput)" in text
+    assert ("![t](benchmarks/throughput.png)" if published else "![t](throughput.png)") in text
+
+
+def _git_status_docs() -> str:
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run(["git", "status", "--porcelain", "--", "docs"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_bench_quick_writes_a_run_folder_and_leaves_docs_alone(tmp_path, monkeypatch, capsys):
+    from poolings.cli import main
+
+    before = _git_status_docs()
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "limit", "--quick", "--repeats", "1", "--warmup", "0", "--no-progress"]
+    assert main(argv) == 0
+    assert (tmp_path / "runs" / "bench" / "limit.json").exists() and (tmp_path / "runs" / "bench" / "benchmarks.md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    assert _git_status_docs() == before
+    data = json.loads((tmp_path / "runs" / "bench" / "limit.json").read_text())
+    assert data["environment"]["threads"] == 1            # the default of --threads
+    capsys.readouterr()
+    # a second run does not replace the first one's results without --overwrite
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds results of limit.json" in err and "--overwrite" in err
+    assert main([*argv, "--overwrite"]) == 0
+    capsys.readouterr()
+    # quick results are never published; --out must be a folder
+    assert main([*argv, "--publish"]) == 2
+    assert "not published" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main([*argv, "--out", "afile"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "afile is a file, not a folder" in err
+    assert _git_status_docs() == before
 
 
 def test_projection_scales_the_nearest_measured_point_below():

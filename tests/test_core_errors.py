@@ -50,10 +50,17 @@ def test_non_finite_at_padded_step_is_ignored(layer):
     assert torch.isfinite(u).all()
 
 
+def test_scalar_input(layer):
+    with pytest.raises(ValueError, match=r"V must have a batch dimension \(B, ...\)"):
+        layer(torch.zeros((), dtype=DT))
+
+
 @pytest.mark.parametrize("shape", [(3, 2), (2, 3, 2, 1), (5,)])
-def test_wrong_ndim(layer, shape):
+def test_wrong_ndim_for_a_pooling(shape):
+    from poolings import RankPool
+
     with pytest.raises(ValueError, match=r"V must have 3 dimensions \(B, T, p\)"):
-        layer(torch.zeros(shape, dtype=DT))
+        RankPool()(torch.zeros(shape, dtype=DT))
 
 
 def test_not_a_tensor(layer):
@@ -125,7 +132,7 @@ def test_strategy_of_wrong_type():
 
 
 def test_unknown_solver():
-    with pytest.raises(ValueError, match=r"solver='adam' is not a known solver; choose one of \['lbfgs', "):
+    with pytest.raises(ValueError, match=r"solver='adam' is not a known solver; choose one of \['interior_point', 'lbfgs', "):
         ArgminLayer(quad, solver="adam")
 
 

@@ -11,9 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Pages whose python blocks run as written (in order, sharing one namespace per page).
-PAGES = ["README.md", "docs/objectives.md", "docs/mathematics.md", "docs/declarative_pooling.md",
-         "docs/rank_pooling.md"]
+# Every page: its python blocks run as written (in order, sharing one namespace per page). A page
+# that only shows signatures or shell commands uses plain or ```bash fences.
+PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
 
 MODULES = [
     "argminlayers.layer",
@@ -22,6 +22,8 @@ MODULES = [
     "poolings.max",
     "poolings.approx_rank",
     "poolings.rank",
+    "argminlayers.projections",
+    "poolings.constrained",
 ]
 
 
@@ -35,7 +37,8 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
     if not path.exists():
         pytest.fail(f"{page} is linked from the README but missing")
     blocks = python_blocks(path.read_text())
-    assert blocks, f"{page} has no python example"
+    if not blocks:
+        pytest.skip(f"{page} has no python block")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__docs__"}
     for i, block in enumerate(blocks):

@@ -297,8 +297,7 @@ def test_cli_train_runs_one_configuration(tmp_path):
     assert code == 0
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["config"]["pooling"] == "approx-rank" and len(saved["history"]) == 1
-    with pytest.raises(SystemExit):
-        main(["train", "--data", "folder"])
+    assert main(["train", "--data", "folder"]) == 2      # one-line error, no traceback
 
 
 def test_feature_data_trains_and_runs_table1(tmp_path):
@@ -323,3 +322,93 @@ def test_feature_data_trains_and_runs_table1(tmp_path):
     by = {r["method"]: r for r in rows}
     assert by["frame-ft+rank"]["accuracy"] is None and "skipped" in by["frame-ft+rank"]
     assert 0.0 <= by["rank+svm"]["accuracy"] <= 1.0 and by["rank-e2e-full"]["frames_per_second"] > 0
+
+
+# --------------------------------------------------------------------------- run folder, logs, precision
+
+
+def test_a_run_folder_is_refused_without_resume_or_overwrite(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    train(cfg)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(cfg)
+    result = train(dataclasses.replace(cfg, overwrite=True))
+    assert len(result.history) == 1
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(dataclasses.replace(cfg, overwrite=True, resume=True))
+
+
+def test_amp_runs_the_pooling_in_float32(tmp_path):
+    model = tiny_model("rank-full", num_classes=4, head_norm="layernorm")
+    seen = []
+    model.pooling.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    backbone_out = []
+    model.backbone.register_forward_hook(lambda module, args, out: backbone_out.append(out.dtype))
+    result = train(tiny_config(tmp_path, epochs=1, amp=True), model=model)
+    assert backbone_out and set(backbone_out) == {torch.bfloat16}     # the CNN under CPU autocast
+    assert seen and set(seen) == {torch.float32}                      # the argmin layer in float32
+    assert math.isfinite(result.history[-1]["train_loss"])
+
+
+def test_convergence_warnings_are_summarised_per_epoch(tmp_path, capsys):
+    import warnings
+
+    from argminlayers import ConvergenceWarning
+    from poolings.video.train import ConvergenceLog, solver_tolerances
+
+    log = ConvergenceLog()
+    with log:
+        warnings.warn("the forward solve of X did not converge for samples [0, 3] (‖∇f‖ = ['2.00e-07', "
+                      "'5.00e-08']); raise max_iter", ConvergenceWarning)
+        warnings.warn("did not converge for samples [0, 1, 2, 3, 4, 5, 6, 7] ...", ConvergenceWarning)
+    assert log.entry() == {"nonconverged_solves": 2, "nonconverged_samples": 10,
+                           "nonconverged_samples_lower_bound": True, "worst_grad_norm": 2e-7}
+    model = tiny_model("rank-full")
+    assert solver_tolerances(model) == "RankPoolObjective tol 1e-10, check_tol 1e-06"
+    assert "tol 0.001" in solver_tolerances(VideoClassifier(nn.Identity(), build_pooling("rank", tol=1e-3), 2, 4))
+
+    class Unconverged(nn.Module):
+        """Average pooling that reports, as the argmin layer does, two samples not converged per call."""
+
+        def forward(self, V, lengths):
+            warnings.warn("the forward solve of RankPoolObjective(C=1, eps=0.1) did not converge for samples "
+                          "[0, 1] (‖∇f‖ = ['3.00e-04', '1.00e-05']); raise max_iter, loosen tol (default 1e-05)",
+                          ConvergenceWarning, stacklevel=2)
+            return V.sum(1) / lengths[:, None]
+
+    model = tiny_model("avg", num_classes=4)
+    model.pooling = Unconverged()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)       # none may reach the user
+        result = train(tiny_config(tmp_path, epochs=2, quiet=False), model=model)
+    err = capsys.readouterr().err
+    for entry in result.history:                                   # 2 training batches + 1 evaluation batch
+        assert entry["nonconverged_solves"] == 3 and entry["nonconverged_samples"] == 6
+        assert entry["worst_grad_norm"] == pytest.approx(3e-4)
+    lines = [line for line in err.splitlines() if "did not converge" in line]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1: the pooling's solver did not converge for 6 samples "
+                                                   "in 3 solves, worst ‖∇f‖ 3.00e-04")
+
+
+def test_tensorboard_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    train(tiny_config(tmp_path, epochs=2, tensorboard=True))
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_sync_bn_needs_cuda_under_ddp():
+    from poolings.video.train import TrainConfig as Config
+
+    assert Config(sync_bn=True).validate().sync_bn        # accepted; checked where the processes are known
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_on_cuda_uses_float16_and_a_gradient_scaler(tmp_path):
+    model = tiny_model("rank-full", num_classes=4, head_norm="layernorm")
+    seen = []
+    model.pooling.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    result = train(tiny_config(tmp_path, epochs=1, amp=True, device="cuda"), model=model)
+    assert set(seen) == {torch.float32} and math.isfinite(result.history[-1]["train_loss"])
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["scaler"]                                  # the scaler's state is saved for resuming

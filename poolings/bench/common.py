@@ -16,7 +16,8 @@ Memory
 
 Outputs
     Per benchmark ``NAME``: ``NAME.json`` (every number and the environment), ``NAME.md``
-    (the tables, with the command and environment) and ``NAME_*.png`` charts, in ``--out``.
+    (the tables, with the command and environment) and ``NAME_*.png`` charts, in ``--out``
+    (default ``runs/bench``; ``--publish`` writes the repository's ``docs/benchmarks``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class BenchConfig:
         quick: tiny sizes (seconds), for smoke tests.
         device: ``"cpu"`` or ``"cuda"``.
         dtype: ``"float32"`` or ``"float64"`` (the layers under test; references run in float64).
-        out: output folder for JSON, markdown and PNG files.
+        out: output folder for JSON, markdown and PNG files (nothing is written outside it,
+            except the index ``docs/benchmarks.md`` when ``out`` is ``docs/benchmarks``).
         repeats: timed runs per case; ``None``: the benchmark's default.
         warmup: untimed runs per case before timing.
         threads: ``torch.set_num_threads``; ``None`` keeps PyTorch's default.
@@ -69,7 +71,7 @@ class BenchConfig:
     quick: bool = False
     device: str = "cpu"
     dtype: str = "float32"
-    out: str = "docs/benchmarks"
+    out: str = "runs/bench"
     repeats: int | None = None
     warmup: int = 1
     threads: int | None = None
@@ -153,10 +155,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="dtype of the layers under test (references always run in float64)")
-    parser.add_argument("--out", default="docs/benchmarks", help="folder for the JSON, markdown and PNG results")
+    parser.add_argument("--out", default=None,
+                        help="folder for the JSON, markdown and PNG results and their index OUT/benchmarks.md "
+                             "(default: runs/bench)")
+    parser.add_argument("--publish", action="store_true",
+                        help="write into the repository's docs/benchmarks and regenerate docs/benchmarks.md "
+                             "(the same as --out docs/benchmarks; not with --quick)")
+    parser.add_argument("--overwrite", action="store_true", help="replace results of the same benchmark in OUT")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: per benchmark)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case before timing")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (default: 1; on shared cores more threads make timings "
+                             "scatter by up to an order of magnitude)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--data", choices=DATA_KINDS, default="walk",
                         help="synthetic features: 'walk' (unit-norm random walk, smooth in time) or 'iid'")
@@ -166,11 +176,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    from .report import resolve_out
+
     return BenchConfig(
         quick=args.quick,
         device=args.device,
         dtype=args.dtype,
-        out=args.out,
+        out=str(resolve_out(args.out, publish=args.publish, quick=args.quick)),
         repeats=args.repeats,
         warmup=args.warmup,
         threads=args.threads,
@@ -185,12 +197,10 @@ def module_main(name: str, run: Callable[[BenchConfig], dict], argv: Sequence[st
     """Entry point of ``python -m poolings.bench.NAME``: parse the common options, run, regenerate the index."""
     parser = argparse.ArgumentParser(prog=f"python -m poolings.bench.{name}", description=run.__doc__)
     add_common_args(parser)
-    cfg = config_from_args(parser.parse_args(argv))
-    run(cfg)
-    from .report import write_index
+    args = parser.parse_args(argv)
+    from .cli import run_benchmarks
 
-    print(f"wrote {write_index(cfg.out)}")
-    return 0
+    return run_benchmarks(config_from_args(args), (name,), overwrite=args.overwrite)
 
 
 # ------------------------------------------------------------------------------------ data

@@ -1,26 +1,30 @@
-"""Assemble ``docs/benchmarks.md`` from the sections the benchmarks wrote.
+"""Assemble the benchmarks' index page from the sections the benchmarks wrote.
 
 Each benchmark writes its own section ``OUT/NAME.md`` (tables, command, environment, charts)
-from its run. :func:`write_index` puts the sections, unedited, after a fixed introduction
-into ``OUT.md`` (``docs/benchmarks.md`` for the default ``--out docs/benchmarks``); only the
-chart links are prefixed with the folder name so that they resolve from the index.
+from its run. :func:`write_index` puts the sections, unedited, after a fixed introduction into
+the index: ``OUT/benchmarks.md`` inside the run folder, or ``docs/benchmarks.md`` when ``OUT``
+is the repository's ``docs/benchmarks`` (``--publish``); only the chart links are prefixed with
+the folder name there, so that they resolve from the index.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
-BENCHMARKS = ("strategies", "references", "limit", "throughput", "rank_length")
+BENCHMARKS = ("strategies", "references", "limit", "throughput", "rank_length", "generic", "constraints")
 
 INTRO = """\
 # Benchmarks
 
 This page is generated: every table, chart and verdict below comes unedited from the run whose
-command and environment head its section. `argminlayers bench all` reruns everything and rewrites
-this page (`argminlayers bench NAME` reruns one section). From the repository root,
-`python -m poolings.bench.cli NAME` is the same command, and each benchmark is also runnable as
-`python -m poolings.bench.NAME`, with the same options; `--quick` runs tiny sizes in seconds.
+command and environment head its section. `argminlayers bench all --publish` reruns everything
+and rewrites this page (`argminlayers bench NAME --publish` reruns one section); without
+`--publish` the results go to a run folder (`runs/bench/` by default) and docs/ is left alone.
+From the repository root, `python -m poolings.bench.cli NAME` is the same command, and each
+benchmark is also runnable as `python -m poolings.bench.NAME`, with the same options; `--quick`
+runs tiny sizes in seconds (and cannot be published).
 The raw numbers (every timing sample, quartiles, memory, errors, environment) are in
 `docs/benchmarks/NAME.json`.
 
@@ -51,10 +55,40 @@ Sections: {sections}
 """
 
 
+def publish_dir() -> Path | None:
+    """The repository's ``docs/benchmarks`` beside the ``poolings`` package, or ``None`` in an installed copy."""
+    root = Path(__file__).resolve().parents[2]
+    docs = root / "docs"
+    return docs / "benchmarks" if docs.is_dir() and (root / "pyproject.toml").is_file() else None
+
+
+def is_published(out: "str | Path") -> bool:
+    """Whether ``out`` is the repository's ``docs/benchmarks``."""
+    target = publish_dir()
+    return target is not None and Path(out).resolve() == target.resolve()
+
+
+def resolve_out(out: "str | None", *, publish: bool, quick: bool) -> Path:
+    """The output folder of ``--out OUT`` / ``--publish`` (default ``runs/bench``); refuses to publish ``--quick`` runs."""
+    if publish:
+        target = publish_dir()
+        if target is None:
+            raise ValueError("--publish writes the repository's docs/benchmarks, and this copy of argminlayers has "
+                             "none: run it from a clone (pip install -e .), or give --out")
+        if out is not None and Path(out).resolve() != target.resolve():
+            raise ValueError(f"--publish writes {target}; it cannot go with --out {out}")
+        out = str(target)
+    path = Path(out if out is not None else "runs/bench")
+    if quick and is_published(path):
+        raise ValueError("--quick results are smoke tests and are not published: leave out --publish "
+                         "(or --out docs/benchmarks)")
+    return path
+
+
 def index_path(out: "str | Path") -> Path:
-    """``docs/benchmarks`` → ``docs/benchmarks.md``."""
+    """``docs/benchmarks`` → ``docs/benchmarks.md``; any other ``OUT`` → ``OUT/benchmarks.md``."""
     out = Path(out)
-    return out.parent / f"{out.name}.md"
+    return out.parent / f"{out.name}.md" if is_published(out) else out / "benchmarks.md"
 
 
 def _relink(text: str, folder: str) -> str:
@@ -63,7 +97,7 @@ def _relink(text: str, folder: str) -> str:
 
 
 def write_index(out: "str | Path") -> Path:
-    """Write ``OUT.md`` from the intro and the sections ``OUT/NAME.md`` present; returns its path."""
+    """Write the index (:func:`index_path`) from the intro and the sections ``OUT/NAME.md`` present; returns its path."""
     out = Path(out)
     found, missing = [], []
     for name in BENCHMARKS:
@@ -71,11 +105,13 @@ def write_index(out: "str | Path") -> Path:
         (found if section.exists() else missing).append(name)
     sections = ", ".join(f"[{n}](#{_anchor(out / f'{n}.md')})" for n in found) or "none yet"
     parts = [INTRO.format(sections=sections)]
+    path = index_path(out)
+    folder = os.path.relpath(out, path.parent)
     for name in found:
-        parts.append(_relink((out / f"{name}.md").read_text().strip(), out.name))
+        text = (out / f"{name}.md").read_text().strip()
+        parts.append(text if folder == "." else _relink(text, Path(folder).as_posix()))
     for name in missing:
         parts.append(f"## {name}\n\nNot run yet: `argminlayers bench {name}`.")
-    path = index_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(parts) + "\n")
     return path

@@ -511,6 +511,7 @@ def _charts(payload: dict[str, Any], out) -> list[str]:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(sweep)
+        ax.set_ylabel("error of the diagonal gradient")
         ax.set_title(f"diagonal vs exact gradient, sweep over {sweep}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)

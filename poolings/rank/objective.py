@@ -145,6 +145,7 @@ class RankPoolObjective(Objective):
     """
 
     low_rank_hessian = True
+    sequence = True
 
     def __init__(self, C: float = 1.0, eps: float = 0.1, *, method: str = "auto", tol: float = 1e-10,
                  check_tol: float = 1e-6, max_iter: int = 50):

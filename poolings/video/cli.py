@@ -1,9 +1,10 @@
-"""The video subcommands of ``argminlayers``: ``train``, ``table1`` and ``demo``.
+"""The video subcommands of ``argminlayers``: ``train``, ``table1``, ``demo`` and ``eval``.
 
 ``train`` takes one flag per :class:`~poolings.video.train.TrainConfig` field (``--pooling``,
 ``--C``, ``--epochs``, ``--batch-size``, ...); ``table1`` takes the same data, model and
 optimisation flags plus the protocol's own; ``demo`` runs the quick preset of ``table1`` on the
-embedded data. All three accept ``--data embedded | folder PATH | features PATH``.
+embedded data; ``eval`` evaluates a checkpoint. All accept ``--data embedded | folder PATH |
+features PATH`` and ``--threads`` (default 1: see docs/video.md for the measurement behind it).
 
 Data-parallel training: ``torchrun --nproc_per_node N -m poolings.cli train ...``.
 """
@@ -69,34 +70,28 @@ def _add_data_argument(parser: argparse.ArgumentParser) -> None:
                              "per class, or train/ and test/ holding them) or 'features PATH' (feature files)")
 
 
-def _add_threads_argument(parser: argparse.ArgumentParser, default: int | None) -> None:
-    parser.add_argument("--threads", type=int, default=default, metavar="N",
-                        help="torch intra-op CPU threads (default: "
-                             + ("torch's choice" if default is None else str(default)) + "). Small convolutions "
-                             "gain little from more threads and slow down sharply when the cores are shared.")
+#: The default of --threads: one torch thread (measured in docs/video.md, "Threads").
+DEFAULT_THREADS = 1
 
 
-def _set_threads(args: argparse.Namespace) -> None:
-    n = getattr(args, "threads", None)
-    if n is not None:
-        if n < 1:
-            raise SystemExit(f"--threads must be >= 1, got {n}")
-        import torch
-
-        torch.set_num_threads(n)
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
+                        help=f"torch intra-op CPU threads (default: {DEFAULT_THREADS}). Small convolutions gain "
+                             "little from more threads and slow down sharply when the cores are shared; raise it "
+                             "on a machine of your own")
 
 
 def _parse_data(values: list[str]) -> tuple[str, str | None]:
     kind = values[0]
     if kind not in _DATA_KINDS:
-        raise SystemExit(f"--data: unknown kind {kind!r}; expected embedded, folder PATH or features PATH")
+        raise ValueError(f"--data: unknown kind {kind!r}; expected embedded, folder PATH or features PATH")
     kind = _DATA_KINDS[kind]
     if kind == "moving-digits":
         if len(values) != 1:
-            raise SystemExit("--data embedded takes no path")
+            raise ValueError("--data embedded takes no path")
         return kind, None
     if len(values) != 2:
-        raise SystemExit(f"--data {values[0]} needs exactly one PATH")
+        raise ValueError(f"--data {values[0]} needs exactly one PATH")
     return kind, values[1]
 
 
@@ -106,43 +101,34 @@ def _parse_data(values: list[str]) -> tuple[str, str | None]:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    _set_threads(args)
     data, data_path = _parse_data(args.data)
-    try:
-        cfg = dataclass_from_args(TrainConfig, args, data=data, data_path=data_path).validate()
-    except ValueError as exc:
-        raise SystemExit(f"argminlayers train: {exc}") from exc
-    try:
-        result = train(cfg)
-    except (ValueError, FileNotFoundError) as exc:  # bad data or sizes found while building the run
-        raise SystemExit(f"argminlayers train: {exc}") from exc
+    cfg = dataclass_from_args(TrainConfig, args, data=data, data_path=data_path).validate()
+    result = train(cfg)
     if not cfg.quiet and int(os.environ.get("RANK", "0")) == 0:   # under torchrun, rank 0 reports
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items() if isinstance(v, float))
         fps = f", {result.frames_per_second:.0f} training frames/s" if result.frames_per_second else ""
-        files = "metrics.json, checkpoint.pt" + (", curves.png" if cfg.plot else "")
-        print(f"final: {metrics}{fps}; wrote {files} in {result.out}")
+        skipped = f"; {len(result.unreadable)} unreadable files left out (listed in metrics.json)" \
+            if result.unreadable else ""
+        files = "checkpoint.pt, best.pt, metrics.json, log.csv" + (", curves.png" if cfg.plot else "")
+        print(f"final: {metrics}{fps}; wrote {files} in {result.out}{skipped}")
     return 0
 
 
 # --------------------------------------------------------------------------- table1 and demo
 
-_TABLE1_EXCLUDE = ("pooling", "backward", "resume", "out", "data", "data_path", "plot")
+_TABLE1_EXCLUDE = ("pooling", "backward", "resume", "out", "data", "data_path", "plot", "tensorboard")
 
 
 def _cmd_table1(args: argparse.Namespace) -> int:
     from .table1 import METHODS, Table1Config, format_table, run_table1
     from .train import TrainConfig
 
-    _set_threads(args)
     data, data_path = _parse_data(args.data)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else METHODS
-    try:
-        base = dataclass_from_args(TrainConfig, args, data=data, data_path=data_path, out=args.out)
-        cfg = Table1Config(base=base, out=args.out, methods=methods, pretrain_epochs=args.pretrain_epochs,
-                           pretrain_lr=args.pretrain_lr, frame_epochs=args.frame_epochs, frame_lr=args.frame_lr,
-                           frame_batch_size=args.frame_batch_size, svm_C=args.svm_C, quiet=args.quiet).validate()
-    except ValueError as exc:
-        raise SystemExit(f"argminlayers table1: {exc}") from exc
+    base = dataclass_from_args(TrainConfig, args, data=data, data_path=data_path, out=args.out)
+    cfg = Table1Config(base=base, out=args.out, methods=methods, pretrain_epochs=args.pretrain_epochs,
+                       pretrain_lr=args.pretrain_lr, frame_epochs=args.frame_epochs, frame_lr=args.frame_lr,
+                       frame_batch_size=args.frame_batch_size, svm_C=args.svm_C, quiet=args.quiet).validate()
     rows = run_table1(cfg)
     if cfg.quiet:                                     # run_table1 printed nothing
         print(format_table(rows, cfg.base.loss))
@@ -150,10 +136,13 @@ def _cmd_table1(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from poolings.runtime import resolve_device
+
     from .table1 import demo_config, format_table, run_table1, summary_line
 
-    _set_threads(args)
-    cfg = demo_config(args.out, device=args.device, quiet=args.quiet, seed=args.seed)
+    resolve_device(args.device)                       # a bad device fails before any work
+    cfg = demo_config(args.out, device=args.device, quiet=args.quiet, seed=args.seed, quick=args.quick,
+                      threads=args.threads, overwrite=args.overwrite)
     rows = run_table1(cfg)
     if args.quiet:                                    # run_table1 printed nothing
         print(format_table(rows, cfg.base.loss))
@@ -161,19 +150,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- eval
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from poolings.runtime import set_threads
+
+    from .evaluate import evaluate_checkpoint
+
+    set_threads(args.threads)
+    data, data_path = _parse_data(args.data) if args.data else (None, None)
+    report = evaluate_checkpoint(args.checkpoint, data=data, data_path=data_path, split=args.split, out=args.out,
+                                 device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
+                                 overwrite=args.overwrite)
+    print(report["summary"])
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``train``, ``table1`` and ``demo`` subcommands."""
+    """Add the ``train``, ``table1``, ``demo`` and ``eval`` subcommands."""
     from .table1 import METHODS, Table1Config
     from .train import TrainConfig
 
     p = subparsers.add_parser(
         "train", help="train one video classifier (backbone + pooling + linear) end to end",
-        description="Train one configuration; writes OUT/checkpoint.pt, OUT/metrics.json and OUT/curves.png. "
-                    "Under torchrun it runs data-parallel (DDP).",
+        description="Train one configuration; writes OUT/checkpoint.pt, best.pt, metrics.json, log.csv and "
+                    "curves.png. Under torchrun it runs data-parallel (DDP).",
     )
     _add_data_argument(p)
-    add_dataclass_arguments(p, TrainConfig, exclude=("data", "data_path"))
-    _add_threads_argument(p, None)
+    add_dataclass_arguments(p, TrainConfig, exclude=("data", "data_path"), defaults={"threads": DEFAULT_THREADS})
     p.set_defaults(func=_cmd_train)
 
     t1 = Table1Config()
@@ -194,8 +199,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--frame-batch-size", type=int, default=t1.frame_batch_size,
                    help="frames per batch for pretraining and frame-level fine-tuning")
     p.add_argument("--svm-C", dest="svm_C", type=float, default=t1.svm_C, help="LinearSVC's C")
-    add_dataclass_arguments(p, TrainConfig, exclude=_TABLE1_EXCLUDE)
-    _add_threads_argument(p, None)
+    add_dataclass_arguments(p, TrainConfig, exclude=_TABLE1_EXCLUDE, defaults={"threads": DEFAULT_THREADS})
     p.set_defaults(func=_cmd_table1)
 
     p = subparsers.add_parser(
@@ -206,9 +210,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quick", action="store_true", help="the smallest run through every method (seconds; a smoke "
+                                                         "test, its figures mean nothing)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in OUT")
     p.add_argument("--quiet", action="store_true", help="print only the table")
-    _add_threads_argument(p, 1)
+    _add_threads_argument(p)
     p.set_defaults(func=_cmd_demo)
+
+    p = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint: accuracy, top-5, mAP, confusion matrix",
+        description="Evaluate OUT/checkpoint.pt or OUT/best.pt of `train` (or of a table1/demo method folder) on a "
+                    "data set; writes eval.json, confusion.json and confusion.png.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt or best.pt written by train")
+    p.add_argument("--data", nargs="+", default=None, metavar=("KIND", "PATH"),
+                   help="the data to evaluate on (default: the data the run was trained on): embedded, "
+                        "folder PATH or features PATH")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="which split (default: test)")
+    p.add_argument("--out", default=None, help="output folder (default: eval-SPLIT beside the checkpoint)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument("--batch-size", type=int, default=32, help="videos per batch (default: 32)")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in OUT")
+    _add_threads_argument(p)
+    p.set_defaults(func=_cmd_eval)
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `python -m poolings.video.cli`

@@ -16,6 +16,8 @@ head removed (``weights=`` follows torchvision's API, e.g. ``"DEFAULT"``), for `
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 
@@ -46,14 +48,14 @@ POOLINGS: dict[str, tuple[str, dict]] = {
     "approx_rank": ("approx_rank", {}),
 }
 
-_RANK_OPTIONS = ("C", "eps", "backward", "smoothing", "signed_sqrt", "normalize", "bidirectional")
+_RANK_OPTIONS = ("C", "eps", "backward", "smoothing", "signed_sqrt", "normalize", "bidirectional", "tol")
 
 
 def build_pooling(name: str, **options) -> nn.Module:
     """Build a pooling from its name (see :data:`POOLINGS`) through ``poolings.get_pooling``.
 
     ``options`` (``C``, ``eps``, ``backward``, ``smoothing``, ``signed_sqrt``, ``normalize``,
-    ``bidirectional``) go to :class:`~poolings.RankPool` and are ignored by the other poolings,
+    ``bidirectional``, ``tol``; ``None`` means the pooling's default) go to :class:`~poolings.RankPool` and are ignored by the other poolings,
     so one configuration can describe every pooling. ``"rank-full"`` / ``"rank-diag"`` fix
     ``backward`` to the exact (Woodbury) or the paper's diagonal gradient.
     """
@@ -183,7 +185,14 @@ def build_backbone(
     if key not in available:
         raise ValueError(f"name: unknown backbone {name!r}; use 'smallcnn', 'identity' or a torchvision model "
                          f"such as {sorted(n for n in available if n in {'alexnet', 'vgg16', 'resnet18', 'resnet50'})}")
-    net = torchvision.models.get_model(key, weights=weights)
+    try:
+        net = torchvision.models.get_model(key, weights=weights)
+    except OSError as exc:  # urllib's URLError and the like: no network, or a refused download
+        hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise OSError(f"weights: could not download the torchvision weights {weights!r} of {key} "
+                      f"({type(exc).__name__}: {' '.join(str(exc).split())[:100]}); without internet access, "
+                      f"copy the weights file into {hub} first, or leave --weights out for a random "
+                      "initialisation") from exc
     backbone = TorchvisionBackbone(net, in_channels=in_channels)
     return backbone, backbone.feature_dim
 
@@ -282,8 +291,16 @@ class VideoClassifier(nn.Module):
         return V, lengths
 
     def pooled(self, frames: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """The pooled video representation ``u: (B, q)`` (before normalisation and classifier)."""
+        """The pooled video representation ``u: (B, q)`` (before normalisation and classifier).
+
+        Under ``torch.autocast`` the backbone runs in reduced precision, but the pooling runs
+        outside autocast on float32 features: an argmin layer's solve and implicit backward need
+        float32 at least.
+        """
         V, lengths = self.frame_features(frames, lengths)
+        if torch.is_autocast_enabled(V.device.type):
+            with torch.autocast(V.device.type, enabled=False):
+                return self.pooling(V.float() if V.dtype in (torch.float16, torch.bfloat16) else V, lengths)
         return self.pooling(V, lengths)
 
     def forward(self, frames: Tensor, lengths: Tensor | None = None) -> Tensor:

@@ -47,11 +47,14 @@ from .train import (
     build_datasets,
     build_model,
     eval_loader,
+    predict,
     resolve_device,
     train,
 )
+from poolings.runtime import prepare_run_folder, set_threads
 
-__all__ = ["METHODS", "PAPER_UCF_SPORTS", "Table1Config", "run_table1", "demo_config", "format_table"]
+__all__ = ["METHODS", "PAPER_UCF_SPORTS", "TABLE1_OUTPUTS", "Table1Config", "run_table1", "demo_config",
+           "format_table"]
 
 METHODS = (
     "avg+svm",
@@ -76,6 +79,10 @@ PAPER_UCF_SPORTS = {
 }
 
 _E2E_POOLING = {"avg-e2e": "avg", "max-e2e": "max", "rank-e2e-diag": "rank-diag", "rank-e2e-full": "rank-full"}
+
+#: What a Table 1 run writes into its folder (``base.overwrite`` removes exactly these).
+TABLE1_OUTPUTS = ("results.json", "results.md", "results.png", "run.json", "backbone_init.pt", "pretrain",
+                  "frame-ft", *_E2E_POOLING)
 
 
 @dataclass
@@ -113,33 +120,45 @@ class Table1Config:
         return self
 
 
-def demo_config(out: str = "runs/demo", *, device: str = "auto", quiet: bool = False, seed: int = 0) -> Table1Config:
-    """The quick Table 1 run on the embedded MovingDigits data (about 1-2 minutes on a 2-core CPU).
+def demo_config(out: str = "runs/demo", *, device: str = "auto", quiet: bool = False, seed: int = 0,
+                quick: bool = False, threads: int | None = None, overwrite: bool = False) -> Table1Config:
+    """The quick Table 1 run on the embedded MovingDigits data (about 1-4 minutes on a 2-core CPU).
 
     Six motion classes in three time-reversal pairs (right/left, down/up, grow/shrink), 288
     training and 192 test videos of 8-16 frames of 32x32 pixels; a small CNN (p = 32) pretrained
     for 3 epochs per frame on digit identity; 6 end-to-end epochs of SGD, batches of 8 videos,
     learning rate 0.01 -> 0.001, gradient norm clipped at 1, LayerNorm before the classifier
     (the same for every end-to-end method); rank pooling with C = 1, eps = 0.1.
+
+    ``quick``: the smallest run that goes through every method (4 classes, 24 + 12 videos of
+    4-6 frames of 16x16, one epoch each), a smoke test of a few seconds; its figures mean nothing.
     """
+    sizes = dict(num_videos=288, num_test_videos=192, num_classes=6, min_len=8, max_len=16, frame_size=32,
+                 feature_dim=32, epochs=6)
+    if quick:
+        sizes = dict(num_videos=24, num_test_videos=12, num_classes=4, min_len=4, max_len=6, frame_size=16,
+                     feature_dim=8, epochs=1)
     base = TrainConfig(
-        data="moving-digits", num_videos=288, num_test_videos=192, num_classes=6, min_len=8, max_len=16,
-        frame_size=32, backbone="smallcnn", feature_dim=32,
+        data="moving-digits", backbone="smallcnn", **sizes,
         C=1.0, eps=0.1, head_norm="layernorm",
-        epochs=6, batch_size=8, lr=0.01, lr_final=0.001, grad_clip=1.0, loss="ce", seed=seed, device=device,
-        quiet=quiet,
+        batch_size=8, lr=0.01, lr_final=0.001, grad_clip=1.0, loss="ce", seed=seed, device=device,
+        quiet=quiet, threads=threads, overwrite=overwrite,
     )
-    return Table1Config(base=base, out=out, pretrain_epochs=3, frame_epochs=2, quiet=quiet)
+    epochs = dict(pretrain_epochs=1, frame_epochs=1) if quick else dict(pretrain_epochs=3, frame_epochs=2)
+    return Table1Config(base=base, out=out, quiet=quiet, **epochs)
 
 
 # --------------------------------------------------------------------------- data helpers
 
 
 class _InMemory(torch.utils.data.Dataset):
-    """The items of a data set, read once; keeps ``num_classes``, ``classes``, ``reversal_pairs``."""
+    """The readable items of a data set, read once; keeps ``num_classes``, ``classes``,
+    ``reversal_pairs``; ``skipped`` lists the unreadable items left out."""
 
     def __init__(self, dataset):
-        self.items = [dataset[i] for i in range(len(dataset))]
+        from .data import read_items
+
+        _, self.items, self.skipped = read_items(dataset)
         base = getattr(dataset, "dataset", dataset)
         for name in ("num_classes", "classes", "reversal_pairs"):
             if hasattr(base, name):
@@ -260,19 +279,32 @@ def _say(cfg: Table1Config, text: str) -> None:
 def run_table1(cfg: Table1Config) -> list[dict]:
     """Run the protocol; returns the rows written to ``results.json`` (see the module docstring)."""
     cfg.validate()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = dataclasses.replace(cfg.base, resume=False, quiet=cfg.quiet or cfg.base.quiet)
+    set_threads(cfg.base.threads)
+    out = prepare_run_folder(cfg.out, TABLE1_OUTPUTS, overwrite=cfg.base.overwrite)
+    base = dataclasses.replace(cfg.base, resume=False, overwrite=False, quiet=cfg.quiet or cfg.base.quiet)
     started = time.perf_counter()
     torch.manual_seed(base.seed)
 
+    from .data import describe, format_summary
+
     train_raw, test_raw, num_classes, frame_shape = build_datasets(base)
+    data_info = {"train": describe(train_raw), "test": describe(test_raw)}
+    for line in format_summary(data_info, frame_shape=frame_shape, source=base.data):
+        _say(cfg, line)
     train_set, test_set = _InMemory(train_raw), _InMemory(test_raw)
+    unreadable = [{"path": p, "reason": r, "found": "scan"}
+                  for p, r in {**data_info["train"]["unreadable"], **data_info["test"]["unreadable"]}.items()]
+    unreadable += [{"path": s.path, "reason": s.reason, "found": "first read"}
+                   for s in train_set.skipped + test_set.skipped]
+    if train_set.skipped or test_set.skipped:
+        _say(cfg, f"[table1] {len(train_set.skipped) + len(test_set.skipped)} unreadable files left out at their "
+                  "first read: " + "; ".join(f"{s.path} ({s.reason})" for s in train_set.skipped + test_set.skipped))
     pairs = getattr(train_set, "reversal_pairs", None)
     device = resolve_device(base.device)
     features_only = len(frame_shape) == 1
     info: dict = {"num_classes": num_classes, "train_videos": len(train_set), "test_videos": len(test_set),
-                  "frame_shape": list(frame_shape), "device": str(device)}
+                  "frame_shape": list(frame_shape), "device": str(device),
+                  "data": {"skipped": len(unreadable), "unreadable": unreadable}}
 
     # -- the shared starting CNN ------------------------------------------------------------
     reference = build_model(dataclasses.replace(base, pooling="avg", head_norm="none", dropout=0.0),
@@ -287,7 +319,7 @@ def run_table1(cfg: Table1Config) -> list[dict]:
                                       loss="ce", out=str(out / "pretrain"), backbone_init=None)
         _say(cfg, f"[table1] pretraining the CNN per frame on digit identity ({len(frames)} frames)")
         pre = train(pre_cfg, datasets=(_FramesAsVideos(frames, ys, n_digits),
-                                       _FramesAsVideos(*test_digits[:2], n_digits)))
+                                       _FramesAsVideos(*test_digits[:2], n_digits)), summary=False)
         reference.backbone.load_state_dict(pre.model.backbone.state_dict())
         info["pretraining"] = {"kind": "per-frame digit identity", "epochs": cfg.pretrain_epochs,
                                "test_accuracy": pre.final.get("accuracy")}
@@ -338,7 +370,7 @@ def run_table1(cfg: Table1Config) -> list[dict]:
         frame_model, ft_fps = copy.deepcopy(reference), None
         if cfg.frame_epochs > 0:
             ft = train(ft_cfg, datasets=(_FramesAsVideos(frames, ys, num_classes),
-                                         _FramesAsVideos(test_frames, test_ys, num_classes)))
+                                         _FramesAsVideos(test_frames, test_ys, num_classes)), summary=False)
             frame_model, ft_fps = ft.model, ft.frames_per_second
         ft_seconds = time.perf_counter() - t0
         if "frame-ft" in cfg.methods:
@@ -362,7 +394,7 @@ def run_table1(cfg: Table1Config) -> list[dict]:
         t0 = time.perf_counter()
         run_cfg = dataclasses.replace(e2e_base, pooling=pool_name, out=str(out / method))
         _say(cfg, f"[table1] {method}: training end to end ({run_cfg.epochs} epochs)")
-        result = train(run_cfg, datasets=(train_set, test_set))
+        result = train(run_cfg, datasets=(train_set, test_set), summary=False)
         scores, labels = _video_predictions(result.model, test_set, device)
         rows[method] = _summary(method, scores, labels, base.loss, result.frames_per_second,
                                 time.perf_counter() - t0, pairs)
@@ -384,25 +416,15 @@ def run_table1(cfg: Table1Config) -> list[dict]:
     return ordered
 
 
-@torch.no_grad()
 def _video_predictions(model: VideoClassifier, videos, device) -> tuple[Tensor, Tensor]:
-    model.eval()
-    scores, labels = [], []
-    for frames, lengths, ys in eval_loader(videos, 32):
-        scores.append(model(frames.to(device), lengths.to(device)).float().cpu())
-        labels.append(ys)
-    return torch.cat(scores), torch.cat(labels)
+    return predict(model, eval_loader(videos, 32), device=device)
 
 
-@torch.no_grad()
 def _frame_predictions(model: VideoClassifier, videos, device, *, probabilities: bool) -> tuple[Tensor, Tensor]:
-    model.eval()
-    scores, labels = [], []
-    for frames, lengths, ys in eval_loader(videos, 32):
-        scores.append(average_frame_scores(model, frames.to(device), lengths.to(device),
-                                           probabilities=probabilities).float().cpu())
-        labels.append(ys)
-    return torch.cat(scores), torch.cat(labels)
+    def score(m, frames, lengths):
+        return average_frame_scores(m, frames, lengths, probabilities=probabilities)
+
+    return predict(model, eval_loader(videos, 32), device=device, score=score)
 
 
 def summary_line(rows: list[dict]) -> str:
@@ -477,10 +499,12 @@ def _plot(rows: list[dict], path: Path, loss: str, num_classes: int) -> None:
     metric = "map" if loss != "ce" else "accuracy"
     names = [r["method"] for r in rows]
     values = [100 * (r.get(metric) or 0.0) for r in rows]
-    colours = ["#4c72b0" if "svm" in n or n == "frame-ft+rank" else "#dd8452" if n == "frame-ft" else "#55a868"
-               for n in names]
+    groups = {"frozen features + linear SVM": "#4c72b0", "frame-level fine-tuning": "#dd8452",
+              "end to end": "#55a868"}
+    group = ["frozen features + linear SVM" if "svm" in n or n == "frame-ft+rank" else
+             "frame-level fine-tuning" if n == "frame-ft" else "end to end" for n in names]
     fig, ax = plt.subplots(figsize=(9, 4))
-    bars = ax.bar(range(len(rows)), values, color=colours)
+    bars = ax.bar(range(len(rows)), values, color=[groups[g] for g in group])
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, v + 1, f"{v:.0f}", ha="center", fontsize=8)
     lo, hi = PAPER_UCF_SPORTS["baselines_range"]
@@ -492,7 +516,10 @@ def _plot(rows: list[dict], path: Path, loss: str, num_classes: int) -> None:
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("mAP %" if metric == "map" else "test accuracy %")
     ax.set_ylim(0, 105)
-    ax.legend(loc="upper left", fontsize=8)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=groups[g], label=g) for g in dict.fromkeys(group)]  # the colour groups present
+    ax.legend(handles=handles + ax.get_legend_handles_labels()[0], loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,391 @@
+"""Every input of the problem gets its gradient: keyword inputs, parameters of the objective,
+tensors its function captures; second derivatives; torch.compile, vmap and precision."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from argminlayers import CG, ArgminLayer, CapturedTensorError, ConvergenceError, ConvergenceWarning, Objective
+from argminlayers.objectives import PseudoHuber
+
+DT = torch.float64
+EXACT = ["dense", "cg"]  # the strategies every objective here can use (no declared structure)
+LENGTHS = {"full": None, "masked": torch.tensor([5, 3, 1])}
+
+
+def tight(backward):
+    return CG(tol=1e-13, max_iter=200) if backward == "cg" else backward
+
+
+def data(B=3, T=5, p=3, seed=0, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(B, T, p, generator=g, dtype=DT)
+
+
+def weights(B=3, T=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return 0.5 + torch.rand(B, T, generator=g, dtype=DT)
+
+
+def weighted_pool(v, u, mask, w):  # a keyword input: per-frame weights
+    return (w * torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum()
+
+
+class ScaledHuber(Objective):
+    """Pseudo-Huber pooling with a learnable scale δ (an nn.Parameter)."""
+
+    def __init__(self, delta=0.7):
+        super().__init__()
+        self.delta = nn.Parameter(torch.tensor(delta, dtype=DT))
+
+    def f(self, v, u, mask):
+        d = self.delta
+        return (d**2 * (torch.sqrt(1 + ((u - v) ** 2).sum(-1) / d**2) - 1) * mask).sum()
+
+
+def lengths_args(masking):
+    return {} if LENGTHS[masking] is None else {"lengths": LENGTHS[masking]}
+
+
+# ------------------------------------------------------------------------ first order
+@pytest.mark.parametrize("masking", sorted(LENGTHS))
+@pytest.mark.parametrize("backward", EXACT)
+def test_gradcheck_keyword_input(backward, masking):
+    layer = ArgminLayer(weighted_pool, backward=tight(backward))
+    V, w = data().requires_grad_(True), weights().requires_grad_(True)
+    kw = lengths_args(masking)
+    assert torch.autograd.gradcheck(lambda V, w: layer(V, w=w, **kw), (V, w))
+
+
+def test_maskless_function_with_keyword_input():
+    layer = ArgminLayer(lambda v, u, w: (w * torch.sqrt(1 + ((u - v) ** 2).sum(-1))).sum())
+    V, w = data().requires_grad_(True), weights().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda V, w: layer(V, w=w), (V, w))
+
+
+@pytest.mark.parametrize("masking", sorted(LENGTHS))
+@pytest.mark.parametrize("backward", EXACT)
+def test_gradcheck_parameter(backward, masking):
+    layer = ArgminLayer(ScaledHuber(), backward=tight(backward))
+    kw = lengths_args(masking)
+    delta = torch.tensor(0.7, dtype=DT, requires_grad=True)
+
+    def fn(V, delta):  # the parameter as a gradcheck input
+        return functional_call(layer, {"objective.delta": delta}, (V,), kw)
+
+    assert torch.autograd.gradcheck(fn, (data().requires_grad_(True), delta))
+
+
+def test_parameters_belong_to_the_layer():
+    obj = ScaledHuber()
+    layer = ArgminLayer(obj)
+    assert [n for n, _ in layer.named_parameters()] == ["objective.delta"]
+    assert "objective.delta" in layer.state_dict()
+    layer.float()
+    assert obj.delta.dtype == torch.float32
+    u = layer(data().float())
+    u.sum().backward()
+    assert obj.delta.grad is not None and obj.delta.grad.abs() > 0
+
+
+def test_learnable_parameter_moves_under_adam():
+    obj = ScaledHuber(delta=2.0)
+    layer = ArgminLayer(obj)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    V = data(B=8, T=12, p=3, seed=4)
+    V[:, 0] += 5.0  # one outlier frame per sample: a small δ ignores it
+    target = V[:, 1:].mean(1)
+    start = obj.delta.item()
+    for _ in range(20):
+        opt.zero_grad()
+        loss = (layer(V) - target).pow(2).sum()
+        loss.backward()
+        opt.step()
+    assert obj.delta.item() < start - 0.5
+
+
+def test_module_objective_parameters():
+    class Net(nn.Module):  # a plain nn.Module as the objective
+        def __init__(self):
+            super().__init__()
+            self.log_s = nn.Parameter(torch.zeros((), dtype=DT))
+
+        def forward(self, v, u, mask):
+            return (torch.exp(self.log_s) * torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum() + 0.5 * (u * u).sum()
+
+    net = Net()
+    layer = ArgminLayer(net)
+    assert [n for n, _ in layer.named_parameters()] == ["objective.fn.log_s"]
+    s = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    fn = lambda V, s: functional_call(layer, {"objective.fn.log_s": s}, (V,))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (data().requires_grad_(True), s))
+
+
+def test_captured_tensor_gets_its_gradient():
+    scale = torch.tensor(1.3, dtype=DT, requires_grad=True)
+
+    def captured(v, u, mask):
+        return (scale * torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum() + 0.5 * (u * u).sum()
+
+    V = data()
+    u = ArgminLayer(captured)(V)
+    (auto,) = torch.autograd.grad(u.sum(), scale)
+
+    def explicit(v, u, mask, s):  # the same objective with the scale passed in
+        return (s * torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum() + 0.5 * (u * u).sum()
+
+    s = scale.detach().expand(3).clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(ArgminLayer(explicit)(V, s=s).sum(), s)
+    torch.testing.assert_close(auto, ref.sum())
+    # and against finite differences
+    with torch.no_grad():
+        e = 1e-6
+        scale += e
+        up = ArgminLayer(captured)(V).sum()
+        scale -= 2 * e
+        down = ArgminLayer(captured)(V).sum()
+        scale += e
+    torch.testing.assert_close(auto, (up - down) / (2 * e), rtol=1e-6, atol=1e-8)
+
+
+def test_hidden_captured_tensor_is_refused():
+    class Config:
+        pass
+
+    cfg = Config()
+    cfg.s = torch.tensor(1.0, dtype=DT, requires_grad=True)
+
+    def hidden(v, u, mask):
+        return (cfg.s * ((u - v) ** 2).sum(-1) * mask).sum()
+
+    with pytest.raises(CapturedTensorError, match=r"objective hidden captures a tensor that requires grad.*keyword input"):
+        ArgminLayer(hidden)(data())
+
+
+def test_keyword_input_errors():
+    layer = ArgminLayer(weighted_pool)
+    with pytest.raises(ValueError, match=r"keyword input 'w' must have leading dimension B = 3"):
+        layer(data(), w=weights(B=2))
+    with pytest.raises(TypeError, match=r"keyword input 'w' must be a torch.Tensor"):
+        layer(data(), w=1.0)
+    with pytest.raises(TypeError, match=r"objective 'weighted_pool' takes no such argument"):
+        layer(data(), w=weights(), z=weights())
+    with pytest.raises(ValueError, match=r"keyword input 'w' contains NaN"):
+        layer(data(), w=torch.full((3, 5), float("nan"), dtype=DT))
+
+
+# ------------------------------------------------------------------------ second order
+SMOOTH = {
+    "pseudo_huber": (PseudoHuber(delta=0.7), ["dense", "woodbury", "sherman_morrison", "cg"]),
+    "weighted_fn": (weighted_pool, ["dense", "cg"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOOTH))
+def test_gradgradcheck(name):
+    objective, strategies = SMOOTH[name]
+    V = data(B=2, T=4, p=3).requires_grad_(True)
+    w = weights(B=2, T=4).requires_grad_(True)
+    for backward in strategies:
+        layer = ArgminLayer(objective, backward=tight(backward))
+        if name == "weighted_fn":
+            fn, args = (lambda V, w: layer(V, lengths=torch.tensor([4, 2]), w=w)), (V, w)
+        else:
+            fn, args = (lambda V: layer(V, lengths=torch.tensor([4, 2]))), (V,)
+        assert torch.autograd.gradgradcheck(fn, args), backward
+
+
+def test_functional_hessian_matches_finite_differences():
+    layer = ArgminLayer(weighted_pool)
+    w = weights(B=1, T=4)
+    V0 = data(B=1, T=4, p=2)
+
+    def loss(V):
+        return layer(V, w=w).pow(3).sum()
+
+    H = torch.autograd.functional.hessian(loss, V0).reshape(8, 8)
+    e, fd = 1e-5, torch.zeros(8, 8, dtype=DT)
+    for i in range(8):
+        d = torch.zeros(8, dtype=DT)
+        d[i] = e
+        gp = torch.autograd.functional.jacobian(loss, V0 + d.reshape(V0.shape)).reshape(8)
+        gm = torch.autograd.functional.jacobian(loss, V0 - d.reshape(V0.shape)).reshape(8)
+        fd[:, i] = (gp - gm) / (2 * e)
+    torch.testing.assert_close(H, fd, rtol=1e-5, atol=1e-7)
+    assert H.abs().max() > 1e-3
+
+
+def test_diagonal_refuses_double_backward():
+    X = data().requires_grad_(True)
+    (g,) = torch.autograd.grad(ArgminLayer(PseudoHuber(), backward="diagonal")(X).pow(2).sum(), X, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"backward='diagonal' approximates H⁻¹"):
+        torch.autograd.grad(g.sum(), X)
+
+
+# ------------------------------------------------------------------------ composability
+def test_torch_compile_matches_eager():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.pool, self.head = nn.Linear(4, 4), ArgminLayer(weighted_pool), nn.Linear(4, 2)
+
+        def forward(self, x, lengths, w):
+            return self.head(self.pool(torch.tanh(self.embed(x)), lengths=lengths, w=w))
+
+    torch.manual_seed(0)
+    model = Model()
+    x, lengths, w = torch.randn(3, 6, 4), torch.tensor([6, 4, 2]), torch.rand(3, 6) + 0.5
+    ref = model(x, lengths, w)
+    ref.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager")  # Dynamo + AOTAutograd; the layer runs eagerly
+    out = compiled(x, lengths, w)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_vmap_folds_into_the_batch():
+    layer = ArgminLayer(weighted_pool)
+    V, w = data(B=6).reshape(2, 3, 5, 3), weights(B=6).reshape(2, 3, 5)
+    out = torch.func.vmap(lambda a, b: layer(a, w=b))(V, w)
+    torch.testing.assert_close(out, layer(V.reshape(6, 5, 3), w=w.reshape(6, 5)).reshape(2, 3, 3))
+
+
+def test_jacrev_is_refused_with_the_alternative():
+    layer = ArgminLayer(weighted_pool)
+    w = weights()
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        with pytest.raises(RuntimeError, match=r"ArgminLayer: torch.func derivative transforms .* "
+                                               r"torch.autograd.functional.jacobian"):
+            transform(lambda a: layer(a, w=w))(data())
+    J = torch.autograd.functional.jacobian(lambda a: layer(a, w=weights()), data())
+    assert J.shape == (3, 3, 3, 5, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_solve_in_float32(dtype):
+    layer = ArgminLayer(weighted_pool)
+    V = data().to(dtype).requires_grad_(True)
+    u = layer(V, w=weights().to(dtype))
+    assert u.dtype == dtype
+    ref = layer(V.detach().float(), w=weights().to(dtype).float())
+    torch.testing.assert_close(u.float(), ref.to(dtype).float())
+    u.sum().backward()
+    assert V.grad.dtype == dtype and torch.isfinite(V.grad.float()).all()
+
+
+def test_autocast_runs_the_layer_in_float32():
+    layer = ArgminLayer(weighted_pool)
+    V, w = data().float(), weights().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = layer(V, w=w)
+    assert u.dtype == torch.float32
+    torch.testing.assert_close(u, layer(V, w=w), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ honest failure
+def test_nonconverged_samples_get_zero_gradient_and_the_warning_says_so():
+    V = (10 * data()).requires_grad_(True)
+    layer = ArgminLayer(weighted_pool, max_iter=1)
+    with pytest.warns(ConvergenceWarning, match=r"iteration budget ran out.*Those samples get zero gradient"):
+        u = layer(V, w=weights())
+    u.sum().backward()
+    assert V.grad.abs().sum() == 0
+
+
+def test_plateau_is_not_a_minimum():
+    def welsch(v, u, mask):
+        return ((1 - torch.exp(-0.5 * ((u - v) ** 2).sum(-1))) * mask).sum()
+
+    with pytest.warns(ConvergenceWarning, match=r"samples \[0, 1, 2\].*Hessian is not positive definite"):
+        ArgminLayer(welsch)(data() + 20.0)  # u = 0 is far from every frame: a flat plateau
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ArgminLayer(welsch, init=lambda V, mask: V.mean(1))(data() + 20.0)  # started well: a minimum
+
+
+def test_saddle_is_not_a_minimum():
+    def saddle(v, u, mask):
+        return 0.5 * (u[0] - v[0, 0]) ** 2 - 0.5 * (u[1] - v[0, 1]) ** 2
+
+    with pytest.raises(ConvergenceError, match=r"Hessian is not positive definite"):
+        ArgminLayer(saddle, on_nonconvergence="raise", init=lambda V, mask: V[:, 0, :2].clone())(data())
+
+
+def test_nan_objective_is_reported_as_nan():
+    with pytest.warns(ConvergenceWarning, match=r"NaN or infinite"):
+        ArgminLayer(lambda v, u, mask: (u * float("nan")).sum())(data())
+
+
+def test_infinite_gradient_at_the_start_is_not_converged():
+    def barrier(v, u, mask):  # −Σ log u, started at u = 0
+        return (-torch.log(u) + u * v.abs().mean(0)).sum()
+
+    with pytest.raises(ConvergenceError, match=r"NaN or infinite"):
+        ArgminLayer(barrier, on_nonconvergence="raise")(data())
+    u = ArgminLayer(barrier, init=lambda V, mask: torch.ones(V.shape[0], V.shape[2], dtype=V.dtype))(data())
+    torch.testing.assert_close(u, 1 / data().abs().mean(1))
+
+
+def test_own_solve_that_is_not_stationary_is_reported():
+    class ClampedProjection(Objective):  # solve projects onto u ≥ 0: it minimises another problem
+        def f(self, v, u, mask):
+            return 0.5 * ((u - v[0]) ** 2).sum()
+
+        def solve(self, V, mask):
+            return V[:, 0].clamp_min(0)
+
+    V = data().requires_grad_(True)
+    with pytest.warns(ConvergenceWarning, match=r"ClampedProjection\(\).*own solve returned a point where ∇f is not small"):
+        u = ArgminLayer(ClampedProjection())(V)
+    u.sum().backward()
+    assert V.grad.abs().sum() == 0
+
+
+def test_objective_mutating_its_input_is_refused_and_v_untouched():
+    def mutating(v, u, mask):
+        v.mul_(2)
+        return (((u - v) ** 2).sum(-1) * mask).sum()
+
+    V = data()
+    before = V.clone()
+    with pytest.raises(RuntimeError, match=r"objective mutating modified its arguments .* in place"):
+        ArgminLayer(mutating)(V)
+    assert torch.equal(V, before)
+
+
+def test_wrong_init_and_solve_shapes_are_clear():
+    with pytest.raises(ValueError, match=r"init returned shape \(2, 3\); it must be \(B, \*q_shape\) with B = 3"):
+        ArgminLayer(weighted_pool, init=lambda V, mask, w: V.new_zeros(2, 3))(data(), w=weights())
+
+    class BadSolve(Objective):
+        def f(self, v, u, mask):
+            return ((u - v) ** 2).sum()
+
+        def solve(self, V, mask):
+            return V.new_zeros(V.shape[0] + 1, 3)
+
+    with pytest.raises(ValueError, match=r"BadSolve\(\)\.solve returned shape \(4, 3\)"):
+        ArgminLayer(BadSolve())(data())
+
+
+def test_tensor_attribute_of_an_objective_gets_its_gradient():
+    class Scaled(Objective):  # `self.s` is computed upstream: a plain attribute, not a parameter
+        def __init__(self, s):
+            super().__init__()
+            self.s = s
+
+        def f(self, v, u, mask):
+            return (self.s * torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum() + 0.5 * (u * u).sum()
+
+    V = data()
+    a = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: ArgminLayer(Scaled(a.exp()))(V), (a,))
