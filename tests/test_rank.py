@@ -1,5 +1,6 @@
 """Rank pooling: exact forward (vs liblinear and the generic Newton path), every backward
-strategy (gradcheck, mutual agreement, closed forms vs torch.func), preprocessing, errors."""
+strategy (gradcheck, mutual agreement, closed forms vs torch.func), preprocessing, errors.
+The three forward methods against each other: tests/test_rank_methods.py."""
 
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ def test_forward_matches_generic_newton_and_is_optimal():
     assert torch.allclose(sol.grad_norm, g.norm(dim=-1), atol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["tspace", "pspace", "cg"])
 @pytest.mark.parametrize("case", ["constant", "random"])
-def test_signed_active_set_trap(case):
+def test_signed_active_set_trap(case, method):
     """From u = 0 every step is active with s = +1. Here the first Newton solve flips signs
     while every step stays active: stopping on the unsigned set would return a wrong point.
 
@@ -114,8 +116,9 @@ def test_signed_active_set_trap(case):
     obj = RankPoolObjective(C, eps)
     g_first = obj.grad(V, u_first.unsqueeze(0), mask)
     assert float(g_first.norm() / u_first.norm()) > 1e-2  # the unsigned stopping rule is not optimal
-    sol = rank_pool_solve(V, mask, C, eps)
-    assert bool(sol.converged.all()) and int(sol.iterations[0]) >= 2
+    sol = rank_pool_solve(V, mask, C, eps, method=method)
+    # (with p = 1, Newton-CG's exact line search along its first direction is the whole problem)
+    assert bool(sol.converged.all()) and int(sol.iterations[0]) >= (1 if (method, p) == ("cg", 1) else 2)
     assert float(obj.grad(V, sol.u, mask).norm() / sol.u.norm()) < 1e-10
     assert float((sol.u[0] - _liblinear(v, C, eps)).norm() / sol.u.norm()) < 1e-6
     if case == "constant":
@@ -130,15 +133,16 @@ def _relative_kkt(obj, V, U, mask):
     return obj.grad(V, U, mask).norm(dim=-1) / scale
 
 
+@pytest.mark.parametrize("method", ["tspace", "pspace"])
 @pytest.mark.parametrize("case", ["relu", "walk", "tall"])
-def test_hard_regimes_converge_in_few_iterations(case, monkeypatch):
+def test_hard_regimes_converge_in_few_iterations(case, method, monkeypatch):
     """Large C·K: ReLU features (every |r_t| ≈ ε at the optimum, steps must cross the tube),
     a random walk (half the steps inactive; it needs the exact line search), and T ≫ p."""
-    import poolings.rank as rank
+    import poolings.rank.active_set as active_set
 
     searches = []
-    original = rank._exact_line_search
-    monkeypatch.setattr(rank, "_exact_line_search", lambda *a, **k: (searches.append(1), original(*a, **k))[1])
+    original = active_set.exact_line_search
+    monkeypatch.setattr(active_set, "exact_line_search", lambda *a, **k: (searches.append(1), original(*a, **k))[1])
     g = torch.Generator().manual_seed(31)
     if case == "relu":
         V = torch.randn(4, 40, 300, generator=g, dtype=F64).relu()
@@ -148,7 +152,7 @@ def test_hard_regimes_converge_in_few_iterations(case, monkeypatch):
         V = 3 * torch.randn(4, 80, 3, generator=g, dtype=F64)
     mask = torch.ones(4, V.shape[1], dtype=torch.bool)
     obj = RankPoolObjective(100.0, 0.1)
-    sol = rank_pool_solve(V, mask, obj.C, obj.eps)
+    sol = rank_pool_solve(V, mask, obj.C, obj.eps, method=method)
     assert bool(sol.converged.all())
     assert int(sol.iterations.max()) <= 10
     assert float(_relative_kkt(obj, V, sol.u, mask).max()) < 1e-11
@@ -157,7 +161,7 @@ def test_hard_regimes_converge_in_few_iterations(case, monkeypatch):
 
 
 def test_exact_line_search_minimises_along_the_line():
-    from poolings.rank import _exact_line_search
+    from poolings.rank.common import exact_line_search
 
     g = torch.Generator().manual_seed(32)
     B, T, C, eps = 6, 12, 3.0, 0.4
@@ -177,7 +181,8 @@ def test_exact_line_search_minimises_along_the_line():
         quad = 0.5 * (b * (b @ K)).sum(-1)
         return quad + 0.5 * C * ((ra.abs() - eps).clamp_min(0).square() * mask.unsqueeze(1)).sum(-1)
 
-    alpha = _exact_line_search(r, dr, -(beta * dr).sum(-1), -(d * dr).sum(-1), mask, C, eps)
+    # in T-space u = Vᵀβ and K d = −Δr: uᵀd_u = −βᵀΔr, d_uᵀd_u = −dᵀΔr
+    alpha = exact_line_search(r, dr, -(beta * dr).sum(-1), -(d * dr).sum(-1), mask, C, eps)
     grid = torch.linspace(0, 3, 30001, dtype=F64)
     f_grid = phi(grid)
     best = f_grid.min(-1).values
@@ -187,18 +192,30 @@ def test_exact_line_search_minimises_along_the_line():
     assert bool(((alpha == 0) == (f_grid[:, 1] >= f_grid[:, 0])).all())
 
 
-def test_padded_steps_inactive_and_exact_zeros_in_state():
+@pytest.mark.parametrize("method", ["tspace", "pspace", "cg"])
+def test_padded_steps_inactive_and_exact_zeros_in_state(method):
     V = _data(2, 7, 4, seed=5)
     mask = _mask([7, 3], 7)
     V = V * mask.unsqueeze(-1)
-    sol = rank_pool_solve(V, mask, 1.0, 0.1)
+    C = 1.0
+    sol = rank_pool_solve(V, mask, C, 0.1, method=method)
     st = sol.state
-    assert isinstance(st, RankPoolState)
+    assert isinstance(st, RankPoolState) and st.method == method
     assert not bool(st.active[1, 3:].any())
     assert bool((st.e[1, 3:] == 0).all())
-    eye = torch.eye(7, dtype=F64)
-    LLt = st.factor @ st.factor.transpose(1, 2)
-    assert torch.allclose(LLt[1, 3:, :], eye[3:, :].expand(4, 7))  # identity rows at padded steps
+    a = st.active.to(F64).unsqueeze(-1)
+    if method == "tspace":  # factor of I + C D K D: identity rows at padded (and inactive) steps
+        eye = torch.eye(7, dtype=F64)
+        LLt = st.factor @ st.factor.transpose(1, 2)
+        assert torch.allclose(LLt[1, 3:, :], eye[3:, :].expand(4, 7))
+        assert torch.allclose(LLt, eye + C * (a * V) @ (a * V).transpose(1, 2), atol=1e-12)
+    elif method == "pspace":  # factor of H = I + M, M = C V_Aᵀ V_A: padded steps play no part
+        M = C * (a * V).transpose(1, 2) @ (a * V)
+        torch.testing.assert_close(st.gram, M, atol=1e-12, rtol=0)
+        LLt = st.factor @ st.factor.transpose(1, 2)
+        torch.testing.assert_close(LLt, torch.eye(4, dtype=F64) + M, atol=1e-12, rtol=0)
+    else:
+        assert st.factor is None and st.preconditioner is not None
 
 
 def test_unreachable_targets_give_zero():
@@ -294,7 +311,7 @@ def test_diagonal_is_an_approximation(capsys):
 
 
 def test_closed_forms_match_torch_func():
-    obj = RankPoolObjective(1.5, 0.2)
+    obj = RankPoolObjective(1.5, 0.2, method="tspace")
     V = _data(3, 9, 5, seed=17, scale=0.5)
     mask = _mask([9, 6, 2], 9)
     V = V * mask.unsqueeze(-1)
@@ -321,9 +338,13 @@ def test_closed_forms_match_torch_func():
     assert torch.allclose(L @ L.transpose(1, 2), cap, atol=1e-10)
 
 
-def test_woodbury_reuses_the_forward_factorisation(monkeypatch):
+@pytest.mark.parametrize("method", ["tspace", "pspace"])
+@pytest.mark.parametrize("backward", ["woodbury", "auto"])
+def test_woodbury_reuses_the_forward_factorisation(monkeypatch, method, backward):
+    """The exact backward factorises nothing: T-space hands over the capacitance factor,
+    p-space the factor of H itself (as the capacitance factor of H = I + I·M)."""
     V = _data(2, 10, 6, seed=20, scale=0.5).requires_grad_(True)
-    pool = RankPool(1.0, 0.1, backward="woodbury")
+    pool = RankPool(1.0, 0.1, method=method, backward=backward)
     seen = {}
     original_hessian = pool.objective.hessian
 
@@ -340,8 +361,10 @@ def test_woodbury_reuses_the_forward_factorisation(monkeypatch):
         monkeypatch.setattr(torch.linalg, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1])
     U.sum().backward()
     assert calls == []
-    assert isinstance(seen["state"], RankPoolState)
+    assert isinstance(seen["state"], RankPoolState) and seen["state"].method == method
     assert seen["factor"] is seen["state"].factor
+    n = 10 if method == "tspace" else 6
+    assert seen["factor"].shape == (2, n, n)
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -471,6 +494,10 @@ def test_bad_solver_options():
         RankPool(tol=-1.0)
     with pytest.raises(ValueError, match="backward"):
         RankPool(backward="nope")
+    with pytest.raises(ValueError, match="method='nope' is not known"):
+        RankPool(method="nope")
+    with pytest.raises(ValueError, match="method"):
+        rank_pool_solve(_data(1, 3, 2), torch.ones(1, 3, dtype=torch.bool), 1.0, 0.1, method="Tspace")
 
 
 # ------------------------------------------------------------------------- dtypes, devices
@@ -510,3 +537,17 @@ def test_loose_tolerance_is_accepted():
     V = _data(2, 10, 4, seed=3)
     u = RankPool(tol=1e-3, max_iter=3)(V)
     assert torch.isfinite(u).all()
+
+
+@pytest.mark.parametrize("module", ["layer", "objective", "active_set", "tspace", "pspace", "newton_cg", "cost",
+                                    "common", "factored"])
+def test_docstring_examples_of_the_rank_package(module):
+    """The examples in the docstrings of every module of ``poolings.rank`` run."""
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"poolings.rank.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+    if module == "layer":
+        assert result.attempted > 0

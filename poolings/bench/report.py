@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-BENCHMARKS = ("strategies", "references", "limit", "throughput", "generic", "constraints")
+BENCHMARKS = ("strategies", "references", "limit", "throughput", "rank_length", "generic", "constraints")
 
 INTRO = """\
 # Benchmarks

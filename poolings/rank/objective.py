@@ -1,0 +1,298 @@
+r"""The rank-pool objective, its exact solve by any of the three methods, and its backward.
+
+Per sequence with valid steps ``v_1 … v_T`` (its own ``T``; targets ``y_t = t``)::
+
+    f(v, u) = ½‖u‖² + C/2 Σ_t [ |y_t − uᵀv_t| − ε ]₊²          u* = argmin_u f(v, u)
+    ∇_u f  = u − C Σ_{t∈A} e_t v_t,        ∇²_uu f = H = I + C V_Aᵀ V_A
+
+**Backward.** With ``w = H⁻¹ g`` (``g = dL/du*``)::
+
+    dL/dv_t = C ( e_t w − (wᵀv_t) u )   for t ∈ A,   0 otherwise
+
+formed as one batched rank-2 product ``[e, −Vw] (B,T,2) @ [w; u] (B,2,p)``. How ``w`` is
+computed is the layer's backward strategy; :meth:`RankPoolObjective.hessian` hands each
+method's factor over to it (see :class:`RankPoolState`).
+
+``f`` is C¹ but not C² where ``|r_t| = ε`` for some ``t``: there ``u*`` is not
+differentiable (a set of measure zero), and the gradient returned is that of the active set
+found by the forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from argminlayers import CG, FunctionHessian, LowRankHessian, Objective, Solution, Strategy, Woodbury
+
+from .active_set import active_set_solve
+from .common import check_rank_params, excess, frames_combine, frames_dot, loss, rank_targets, rounding_floor
+from .common import signed_active_set
+from .cost import METHODS, choose_method
+from .newton_cg import NewtonCGSpace, NystromPreconditioner
+from .pspace import PSpace
+from .tspace import TSpace
+
+METHOD_CHOICES = ("auto", *METHODS)
+
+
+def check_method(method: Any) -> str:
+    """``method`` must be one of :data:`METHOD_CHOICES`; the error names the argument."""
+    if not isinstance(method, str) or method not in METHOD_CHOICES:
+        raise ValueError(f"method={method!r} is not known; choose one of {list(METHOD_CHOICES)}")
+    return method
+
+
+@dataclass
+class RankPoolState:
+    """What the forward solve leaves for the backward pass (all at the returned ``u``).
+
+    Attributes:
+        method: ``"tspace"``, ``"pspace"`` or ``"cg"``: the method that ran.
+        active: ``(B, T)`` bool, the active set ``A``.
+        e: ``(B, T)`` ``e_t = r_t − s_t ε`` on ``A``, 0 elsewhere (dtype of ``V``).
+        factor: ``tspace``: ``(B, T, T)`` lower Cholesky factor of the capacitance matrix
+            ``I + C D K D`` of ``H``; ``pspace``: ``(B, p, p)`` factor of ``H = I + M`` itself;
+            ``cg``: ``None``.
+        gram: ``pspace``: ``M = C V_Aᵀ V_A``, ``(B, p, p)``; else ``None``.
+        preconditioner: ``cg``: the forward's Nyström preconditioner; else ``None``.
+    """
+
+    method: str
+    active: Tensor
+    e: Tensor
+    factor: Tensor | None = None
+    gram: Tensor | None = None
+    preconditioner: NystromPreconditioner | None = None
+
+
+def rank_pool_solve(
+    V: Tensor,
+    mask: Tensor,
+    C: float,
+    eps: float,
+    *,
+    method: str = "auto",
+    tol: float = 1e-10,
+    check_tol: float = 1e-6,
+    max_iter: int = 50,
+) -> Solution:
+    """Exact rank-pool minimiser by the active-set iteration of :mod:`poolings.rank.active_set`
+    in the space of ``method`` (``"auto"``: :func:`~poolings.rank.cost.choose_method`).
+
+    Args:
+        V: ``(B, T, p)`` features, padded steps zero.
+        mask: ``(B, T)`` bool, valid steps (they are never active).
+        tol, check_tol: a sample stops when its relative gradient is ``≤ tol``, or when it is
+            the minimiser of its own reproduced signed set with a relative gradient
+            ``≤ check_tol``. Where gradients are measured by passes over ``V`` (``pspace``,
+            ``cg``) both are raised to at least :func:`~poolings.rank.common.rounding_floor`
+            of the dtype of ``V``; ``tspace`` measures them in float64 from ``K``.
+        max_iter: iterations per sample.
+
+    Returns:
+        :class:`~argminlayers.Solution` with ``u (B, p)`` in the dtype of ``V``, per-sample
+        ``converged``, ``iterations``, ``grad_norm`` (``‖∇_u f‖`` at ``u``) and a
+        :class:`RankPoolState`.
+    """
+    method = check_method(method)
+    if method == "auto":
+        method = choose_method(*V.shape, dtype=V.dtype, device=V.device)
+    floor_tol, floor_check = rounding_floor(torch.float64 if method == "tspace" else V.dtype)
+    tol = max(float(tol), floor_tol)
+    check_tol = max(float(check_tol), floor_check, tol)
+    space = {"tspace": lambda: TSpace(V, mask, C, eps), "pspace": lambda: PSpace(V, mask, C, eps),
+             "cg": lambda: NewtonCGSpace(V, mask, C, eps, tol=tol)}[method]()
+    res = active_set_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter)
+    dt = V.dtype
+    state = RankPoolState(method, res.active, excess(res.r, res.sign, eps).to(dt))
+    if method == "tspace":
+        U = frames_combine(V, res.x.to(dt))  # u = Vᵀβ: the second pass over V
+        state.factor = space.final_factor(res.active).to(dt)
+    else:
+        U = res.x.to(dt)
+        if method == "pspace":
+            state.factor = space.final_factor(res.active).to(dt)
+            state.gram = space.M.to(dt)
+        else:
+            state.preconditioner = NystromPreconditioner(space.precond.U.to(dt), space.precond.s.to(dt))
+    return Solution(U, converged=res.converged, iterations=res.iterations, grad_norm=res.grad_norm.to(dt),
+                    state=state)
+
+
+# ------------------------------------------------------------------------------ objective
+class RankPoolObjective(Objective):
+    """The rank-pool objective ``f(v, u) = ½‖u‖² + C/2 Σ_t [|t − uᵀv_t| − ε]₊²`` with fast paths.
+
+    Batched methods take ``V: (B, T, p)`` (padded steps zero), ``U: (B, p)`` and ``mask: (B, T)``
+    bool; targets count valid steps, ``y = cumsum(mask) · mask``. ``f`` itself (per sample, torch
+    ops) serves the generic :mod:`torch.func` paths and cross-checks. ``C`` and ``eps`` live
+    here and only here: every method reads them from the objective.
+
+    Args:
+        C: regularisation, ``> 0`` (liblinear's ``C`` is ``C/2``).
+        eps: insensitive zone ``ε ≥ 0``.
+        method: ``"auto"`` (default; chosen per call by the cost model), ``"tspace"``,
+            ``"pspace"`` or ``"cg"``.
+        tol, check_tol, max_iter: of :func:`rank_pool_solve`.
+
+    Attributes:
+        last_method: the method the last :meth:`solve` ran (``None`` before the first).
+    """
+
+    low_rank_hessian = True
+    sequence = True
+
+    def __init__(self, C: float = 1.0, eps: float = 0.1, *, method: str = "auto", tol: float = 1e-10,
+                 check_tol: float = 1e-6, max_iter: int = 50):
+        self.C, self.eps = check_rank_params(C, eps)
+        self.method = check_method(method)
+        if not tol > 0:
+            raise ValueError(f"tol must be > 0, got {tol}")
+        check_tol = max(float(check_tol), float(tol))  # the looser test can never be the tighter one
+        if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+        self.tol, self.check_tol, self.max_iter = float(tol), float(check_tol), max_iter
+        self.last_method: str | None = None
+
+    def __repr__(self) -> str:
+        return f"RankPoolObjective(C={self.C:g}, eps={self.eps:g}, method={self.method!r})"
+
+    def choose_method(self, V: Tensor) -> str:
+        """The method :meth:`solve` runs for ``V (B, T, p)``: ``method`` unless it is ``"auto"``."""
+        if self.method != "auto":
+            return self.method
+        return choose_method(*V.shape, dtype=V.dtype, device=V.device)
+
+    # per sample, for torch.func
+    def f(self, v: Tensor, u: Tensor, mask: Tensor) -> Tensor:
+        """``v: (T, p)``, ``u: (p,)``, ``mask: (T,)`` → scalar."""
+        r = rank_targets(mask, v.dtype) - v @ u  # (T,)
+        return 0.5 * (u @ u) + 0.5 * self.C * ((r.abs() - self.eps).clamp_min(0).square() * mask).sum()
+
+    # batched fast paths
+    def solve(self, V: Tensor, mask: Tensor) -> Solution:
+        """:func:`rank_pool_solve` with this objective's ``C``, ``eps``, method and tolerances."""
+        method = self.choose_method(V)
+        self.last_method = method
+        return rank_pool_solve(V, mask, self.C, self.eps, method=method, tol=self.tol, check_tol=self.check_tol,
+                               max_iter=self.max_iter)
+
+    def _residuals(self, V: Tensor, U: Tensor, mask: Tensor) -> Tensor:
+        """``r = y − V u``, ``(B, T)``: one pass over ``V``."""
+        return rank_targets(mask, V.dtype) - frames_dot(V, U)
+
+    def _active_and_excess(self, V: Tensor, U: Tensor, mask: Tensor, state: Any) -> tuple[Tensor, Tensor]:
+        """``(A, e)`` from the forward state when there is one, else from ``U``."""
+        if isinstance(state, RankPoolState):
+            return state.active, state.e
+        r = self._residuals(V, U, mask)
+        active, sign = signed_active_set(r, mask, self.eps)
+        return active, excess(r, sign, self.eps)
+
+    def value(self, V: Tensor, U: Tensor, mask: Tensor) -> Tensor:
+        """``f``, ``(B,)``."""
+        return 0.5 * U.square().sum(-1) + 0.5 * self.C * loss(self._residuals(V, U, mask), mask, self.eps)
+
+    def grad(self, V: Tensor, U: Tensor, mask: Tensor) -> Tensor:
+        """``∇_u f = u − C Σ_{t∈A} e_t v_t = u − C Vᵀ e``, ``(B, p)``."""
+        r = self._residuals(V, U, mask)
+        _, sign = signed_active_set(r, mask, self.eps)
+        return U - self.C * frames_combine(V, excess(r, sign, self.eps))
+
+    def hvp(self, V: Tensor, U: Tensor, mask: Tensor, X: Tensor) -> Tensor:
+        """``H x = x + C V_Aᵀ (V_A x)``, ``(B, p)``."""
+        active, _ = signed_active_set(self._residuals(V, U, mask), mask, self.eps)
+        return X + self.C * frames_combine(V, frames_dot(V, X) * active)
+
+    def hessian_diag(self, V: Tensor, U: Tensor, mask: Tensor, state: Any = None) -> Tensor:
+        """``diag(H) = 1 + C Σ_{t∈A} v_t²``, ``(B, p)`` (what the ``diagonal`` strategy uses)."""
+        return self.hessian(V, U, mask, state).diagonal()
+
+    def hessian(self, V: Tensor, U: Tensor, mask: Tensor, state: Any = None) -> LowRankHessian:
+        """``H = I + C V_Aᵀ V_A`` as a :class:`~argminlayers.LowRankHessian`, in the form that
+        lets the layer's strategy reuse the forward's work:
+
+        - ``tspace`` (and no state): ``H = I + AᵀA`` with ``A = √C D V`` (rows ``√C v_t`` on
+          ``A``), passed as ``V`` with a row scale (no scaled copy). With the forward state,
+          ``capacitance_factor`` is the forward's Cholesky factor of ``I + A Aᵀ = I + C D K D``,
+          so Woodbury solves with it directly; without, Woodbury factorises that ``T × T``
+          matrix itself when it is used;
+        - ``pspace``: ``H = I + Σ_{i≤p} e_i m_iᵀ`` (``A = I``, an expanded view, and ``B = M``),
+          whose capacitance matrix ``I + M`` is ``H`` itself: the forward's factor of ``H`` is the
+          capacitance factor, and Woodbury returns ``w = g − H⁻¹ M g = H⁻¹ g``;
+        - ``cg``: the ``tspace`` form without a factor, carrying the forward's preconditioner
+          (:class:`PreconditionedHessian`), which ``backward="auto"`` uses.
+        """
+        if isinstance(state, RankPoolState):
+            active = state.active
+        else:
+            active, _ = signed_active_set(self._residuals(V, U, mask), mask, self.eps)
+        ones = torch.ones_like(U)
+        if isinstance(state, RankPoolState) and state.method == "pspace":
+            B, p = U.shape
+            eye = torch.eye(p, dtype=U.dtype, device=U.device).expand(B, p, p)
+            return LowRankHessian(ones, eye, state.gram, capacitance_factor=state.factor)
+        scale = math.sqrt(self.C) * active.to(V.dtype)  # (B, T): rows √C v_t on A, no copy of V
+        if isinstance(state, RankPoolState) and state.method == "cg":
+            return PreconditionedHessian(ones, V, row_scale=scale, preconditioner=state.preconditioner)
+        factor = state.factor if isinstance(state, RankPoolState) else None
+        return LowRankHessian(ones, V, row_scale=scale, capacitance_factor=factor)
+
+    def vjp_v(self, V: Tensor, U: Tensor, mask: Tensor, W: Tensor, state: Any = None) -> Tensor:
+        """``∂/∂v_t [wᵀ∇_u f] = −C (e_t w − (wᵀv_t) u)`` on ``A``, 0 elsewhere; ``(B, T, p)``.
+
+        One pass for ``V w`` and one batched rank-2 product ``[e, −Vw] (B,T,2) @ [w; u] (B,2,p)``.
+        """
+        active, e = self._active_and_excess(V, U, mask, state)
+        Vw = frames_dot(V, W) * active  # (B, T)
+        coef = torch.stack((e, -Vw), dim=-1) * (-self.C)  # (B, T, 2)
+        rows = torch.stack((W, U), dim=1)  # (B, 2, p)
+        return torch.bmm(coef, rows)
+
+
+class PreconditionedHessian(LowRankHessian):
+    """A :class:`~argminlayers.LowRankHessian` that also carries the forward's
+    :class:`~poolings.rank.newton_cg.NystromPreconditioner` (``preconditioner``)."""
+
+    def __init__(self, *args: Any, preconditioner: NystromPreconditioner | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.preconditioner = preconditioner
+
+
+class RankPoolBackward(Strategy):
+    """``backward="auto"``: the exact backward of whichever method ran.
+
+    - ``tspace``, ``pspace``: Woodbury with the forward's factor (:class:`~argminlayers.Woodbury`;
+      one triangular solve pair, no factorisation);
+    - ``cg``: conjugate gradient on ``H w = g`` (two passes over ``V`` per iteration), split-
+      preconditioned by the forward's Nyström preconditioner ``S``: ``(S H S) z = S g``,
+      ``w = S z``, with :class:`~argminlayers.CG` to a relative residual (of the preconditioned
+      system) ``tol``: default ``1e-10`` in float64 and ``1e-5`` in float32;
+    - an operator without either (a damped Hessian, a generic solver): Woodbury.
+
+    Args:
+        tol, max_iter: of the CG solve (``max_iter`` default 500).
+    """
+
+    name = "auto"
+    exact = True
+
+    def __init__(self, tol: float | None = None, max_iter: int = 500):
+        self.cg = CG(tol=tol, max_iter=max_iter)
+        self.woodbury = Woodbury()
+
+    def solve(self, hessian, g: Tensor) -> Tensor:
+        precond = getattr(hessian, "preconditioner", None)
+        if precond is None or hessian.low_rank().capacitance_factor is not None:
+            return self.woodbury.solve(hessian, g)
+        S = precond.apply
+        op = FunctionHessian(hessian.batch, hessian.q, g.dtype, g.device, matvec=lambda z: S(hessian.matvec(S(z))))
+        return S(self.cg.solve(op, S(g)))
+
+    def __repr__(self) -> str:
+        return f"RankPoolBackward(cg={self.cg!r})"

@@ -1,0 +1,118 @@
+r"""p-space direct method: semismooth Newton on ``u`` with the ``p × p`` Hessian factorised.
+
+The minimiser of the piece of a signed set ``(A, s)`` solves
+
+    H_A u = b_{A,s},     H_A = I + M_A,   M_A = C V_Aᵀ V_A,   b_{A,s} = C V_Aᵀ (y − s ε)_A
+
+``M`` of each sample is kept and **updated** when its set changes: steps entering ``A`` add
+``C v_t v_tᵀ``, steps leaving subtract it, one batched product ``V_Δᵀ diag(±C) V_Δ`` over the
+``k`` changed steps (``k p²`` instead of ``|A| p²``). It starts from ``C VᵀV`` over all
+steps (the only Gram-sized GEMM), so the first set, which is nearly all valid steps, costs a
+small update too. ``H_A`` is factorised in float64 whatever the dtype of ``V``.
+
+Per iteration: one pass ``Vᵀ[C e, c₁, c₂]`` for the gradient at the current point and the
+right-hand sides of both candidate sets, one pass ``V [u₁, u₂]`` for their residuals, a
+Cholesky (``p³/3``) for each sample whose set changed and the ``k p²`` update.
+
+**Backward.** The factor of the last set is ``H⁻¹``'s, so the exact backward is one triangular
+solve pair, ``w = H⁻¹ g``. It is handed to the layer's Woodbury strategy as the structure
+
+    H = I + Σ_{i=1}^{p} e_i m_iᵀ     (A = I, B = M: the capacitance matrix I + B Aᵀ is H itself)
+
+whose capacitance factor is the forward's factor, so ``woodbury`` computes
+``w = g − (I + M)⁻¹ M g = H⁻¹ g`` with one ``p × p`` product and the triangular solves.
+Memory: ``M`` and the factor cache, ``(B, p, p)`` float64 each, plus the new factors of one
+iteration.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import excess, rank_targets
+from .factored import FactoredSpace
+
+WD = torch.float64
+_BATCHED_UPDATE_BYTES = 64 * 2**20  # above this, M is updated sample by sample, in place
+
+
+def changed_rows(V: Tensor, rows: Tensor, new: Tensor, old: Tensor, C: float) -> tuple[Tensor, Tensor]:
+    """The steps whose membership changes from set ``old`` to ``new`` (``(m, T)`` bool, samples
+    ``rows``), gathered: ``V_Δ (m, k, p)`` float64 and weights ``(m, k)``: ``+C`` entering,
+    ``−C`` leaving, 0 in the padding of samples with fewer than ``k`` changes."""
+    ch = new != old
+    k = int(ch.sum(-1).max()) if ch.numel() else 0
+    w = C * (new.to(WD) - old.to(WD))  # ±C where changed, 0 elsewhere
+    if k == 0:
+        return V.new_zeros(rows.numel(), 0, V.shape[-1], dtype=WD), w[:, :0]
+    idx = torch.sort(ch.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k]  # (m, k)
+    Vd = V[rows.unsqueeze(-1), idx].to(WD)  # (m, k, p)
+    return Vd, w.gather(1, idx)
+
+
+def add_changes_(M: Tensor, Vd: Tensor, w: Tensor) -> Tensor:
+    """``M += V_Δᵀ diag(w) V_Δ`` in place, ``(m, p, p)``."""
+    if Vd.shape[1]:
+        M.baddbmm_((Vd * w.unsqueeze(-1)).transpose(1, 2), Vd)
+    return M
+
+
+class PSpace(FactoredSpace):
+    """The p-space method as a :class:`~poolings.rank.active_set.Space` (variable ``u``)."""
+
+    def __init__(self, V: Tensor, mask: Tensor, C: float, eps: float):
+        B, T, p = V.shape
+        self.V, self.C, self.eps = V, C, eps
+        self.mask = mask
+        self.y = rank_targets(mask, WD)
+        self.M = torch.bmm(V.transpose(1, 2), V).to(WD).mul_(C)  # (B, p, p): C VᵀV over all T steps
+        self.M_set = torch.ones_like(mask)  # the set M belongs to (padded steps leave at the first update)
+        self.norms = torch.linalg.vector_norm(V, dim=-1).to(WD)  # ‖v_t‖
+        self._init_cache(B, p, WD, V.device)
+        self._rhs_cache: Tensor | None = None
+        self._deltas: tuple[Tensor, Tensor] | None = None
+
+    def zeros(self) -> Tensor:
+        return torch.zeros(self.y.shape[0], self.n, dtype=WD, device=self.y.device)
+
+    def gradient(self, x, u2, r, sign, S):
+        e = excess(r, sign, self.eps)
+        cols = (self.C * e).unsqueeze(1)
+        if S is not None:  # and C V_Aᵀ(y − s ε) of the candidate sets, in the same pass
+            cols = torch.cat((cols, self.C * (S != 0) * (self.y.unsqueeze(1) - S * self.eps)), dim=1)
+        W = torch.bmm(cols.to(self.V.dtype), self.V).to(WD)  # (B, 1 + k, p): one pass
+        self._rhs_cache = W[:, 1:]
+        g = x - W[:, 0]
+        scale = u2.clamp_min(0).sqrt() + self.C * (e.abs() * self.norms).sum(-1)
+        return torch.linalg.vector_norm(g, dim=-1), scale
+
+    def _matrices(self, rows: Tensor, act: Tensor, out: Tensor) -> Tensor:
+        """``I + M_A`` from each sample's ``M`` and the steps that changed, ``(m, p, p)``."""
+        Vd, w = changed_rows(self.V, rows, act, self.M_set[rows], self.C)
+        self._deltas = (Vd, w, act)
+        H = add_changes_(torch.index_select(self.M, 0, rows, out=out), Vd, w)
+        H.diagonal(dim1=-2, dim2=-1).add_(1)
+        return H
+
+    def _adopt(self, rows: Tensor, new: Tensor) -> None:
+        Vd, w, act = self._deltas
+        if rows.numel() * self.n * self.n * 8 <= _BATCHED_UPDATE_BYTES:
+            self.M.index_copy_(0, rows, add_changes_(self.M.index_select(0, rows), Vd[new], w[new]))
+        else:  # sample by sample, in place: no (m, p, p) temporary
+            for b, i in zip(rows.tolist(), new.tolist()):
+                add_changes_(self.M[b : b + 1], Vd[i : i + 1], w[i : i + 1])
+        self.M_set[rows] = act[new]
+
+    def _rhs(self, S, A):
+        return self._rhs_cache
+
+    def _residuals(self, X):
+        R = self.y.unsqueeze(1) - torch.bmm(X.to(self.V.dtype), self.V.transpose(1, 2)).to(WD)  # one pass
+        return R, X.square().sum(-1)
+
+    def line_terms(self, x, d, r, dr):
+        return (x * d).sum(-1), d.square().sum(-1)
+
+    def output(self, X: Tensor) -> Tensor:
+        return X.to(self.V.dtype)

@@ -1,0 +1,57 @@
+"""The rank_length benchmark at tiny sizes: it runs, writes JSON, markdown and a chart with every
+figure the sweep promises, and skips (with the prediction) what its caps exclude. No timing
+assertions: benchmarks are not tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from poolings.bench import rank_length
+from test_benchmarks import check_outputs, tiny
+
+
+def test_rank_length_quick(tmp_path):
+    cfg = tiny(tmp_path)
+    data = rank_length.run(cfg)
+    check_outputs(Path(cfg.out), "rank_length",
+                  {"auto", "gram", "liblinear", "liblinear_error_fixed", "liblinear_error_variable", "memory",
+                   "over_gram", "liblinear_over", "auto_over_best", "methods_agree"})
+    rows = data["results"]
+    sizes = {(r["B"], r["T"], r["p"]) for r in rows}
+    assert {(2, 8, 4), (2, 30, 16), (2, 12, 6)} <= sizes
+    for r in rows:
+        assert r["auto"] in rank_length.METHODS
+        for m in rank_length.METHODS:
+            info = r["methods"][m]
+            assert info["converged"]
+            assert info["liblinear_error_fixed"] < 1e-6 and info["liblinear_error_variable"] < 1e-6
+        assert r["methods_agree"] < 1e-8
+    goal = data["goals"][0]
+    assert {"lib_met", "gram_met", "lib_speedup", "over_gram"} <= set(goal)
+    assert data["memory_goal"]["memory"]["bytes"] > 0 and "met" in data["memory_goal"]
+    md = (Path(cfg.out) / "rank_length.md").read_text()
+    assert "**Verdict of this run:**" in md and "Agreement with liblinear" in md
+
+
+def test_rank_length_caps_skip_with_the_prediction(tmp_path, monkeypatch):
+    monkeypatch.setitem(rank_length.CAPS, "quick", {"call": 1e-9, "lib": 1e-9, "bytes": 2**40})
+    monkeypatch.setitem(rank_length.QUICK, "T", (8,))
+    monkeypatch.setitem(rank_length.QUICK, "p", (4,))
+    monkeypatch.setattr(rank_length, "_memory_goal", lambda cfg, spec: {
+        "B": 1, "T": 1, "p": 1, "limit_bytes": 1, "method": "tspace", "memory": {"bytes": 0},
+        "input_bytes": 4, "seconds_profiled": 0.0, "met": True})
+    cfg = tiny(tmp_path)
+    data = rank_length.run(cfg)
+    for r in data["results"]:
+        assert "liblinear_skipped" in r
+        assert all("skipped" in r["methods"][m] for m in rank_length.METHODS)
+    md = (Path(cfg.out) / "rank_length.md").read_text()
+    assert "Not run (caps):" in md and "predicted" in md and "not measured" in md
+
+
+@pytest.mark.parametrize("B,T", [(4, 8), (1, 5), (3, 2)])
+def test_variable_lengths_are_valid(B, T):
+    lengths = rank_length._variable_lengths(B, T)
+    assert len(lengths) == B and lengths[0] == T and all(1 <= n <= T for n in lengths)

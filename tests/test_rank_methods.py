@@ -1,0 +1,249 @@
+"""The three exact forward methods of rank pooling (T-space, p-space, Newton-CG): each against
+liblinear and the others, every backward strategy after each of them (gradcheck, agreement),
+the structure each one hands to the backward, the method choice ("auto") and its errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import argminlayers
+from argminlayers import CG
+from argminlayers.check import errors, gradcheck
+from poolings.rank import METHODS, RankPool, RankPoolObjective, choose_method, method_costs, rank_pool_solve
+from poolings.rank.newton_cg import NystromPreconditioner
+from test_rank import F64, _data, _liblinear, _mask, _margin
+
+EXACT = ["woodbury", "auto", "sherman_morrison", "dense", "cg"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _strategy(backward):
+    return CG(tol=1e-13, max_iter=500) if backward == "cg" else backward
+
+
+# ------------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("B,T,p", [(3, 60, 4), (3, 6, 48), (3, 24, 24), (2, 150, 12)])
+@pytest.mark.parametrize("variable", [False, True])
+def test_methods_agree_and_match_liblinear(B, T, p, variable):
+    """T ≫ p, T ≪ p, T = p; float64. liblinear to 1e-6, the methods to each other to 1e-8."""
+    C, eps = 1.0, 0.1
+    lengths = [T, max(1, T // 2), max(1, T // 5)][:B] if variable else [T] * B
+    V = _data(B, T, p, seed=T * 7 + p, scale=p**-0.5).cumsum(1) / T**0.5  # drifting frames
+    mask = _mask(lengths, T)
+    V = V * mask.unsqueeze(-1)
+    ref = torch.stack([_liblinear(V[b, :n], C, eps) for b, n in enumerate(lengths)])
+    U = {}
+    for method in METHODS:
+        sol = rank_pool_solve(V, mask, C, eps, method=method)
+        assert bool(sol.converged.all()), method
+        assert sol.state.method == method
+        U[method] = sol.u
+        rel = ((sol.u - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
+        assert float(rel) < 1e-6, (method, float(rel))
+    for method in METHODS[1:]:
+        assert float((U[method] - U["tspace"]).norm() / U["tspace"].norm()) < 1e-8, method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_matches_float64(method):
+    V = _data(3, 40, 12, seed=28, scale=0.2)
+    lengths = torch.tensor([40, 25, 9])
+    U64 = RankPool(method="tspace")(V, lengths)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: no ConvergenceWarning
+        U32 = RankPool(method=method)(V.float(), lengths)
+    assert U32.dtype == torch.float32
+    assert float((U32.double() - U64).norm() / U64.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nonconvergence_is_reported_by_every_method(method):
+    V = _data(2, 60, 3, seed=7, scale=3.0)
+    with pytest.raises(argminlayers.ConvergenceError, match="did not converge"):
+        RankPool(100.0, 0.5, method=method, max_iter=1, on_nonconvergence="raise")(V)
+
+
+# ------------------------------------------------------------------------------ backward
+def _gradcheck_case(T, p):
+    """B = 3 with lengths (T, T−2, 2): active and inactive steps, away from |r| = ε."""
+    V = _data(3, T, p, seed={(6, 3): 0, (4, 6): 2}[T, p], scale=0.6)
+    lengths = torch.tensor([T, T - 2, 2])
+    mask = _mask(lengths, T)
+    sol = rank_pool_solve(V * mask.unsqueeze(-1), mask, 1.0, 0.4, method="tspace")
+    assert _margin(V * mask.unsqueeze(-1), sol.u, mask, 0.4) > 1e-2
+    active = sol.state.active[mask]
+    assert bool(active.any()) and not bool(active.all())
+    return V, lengths
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 6)], ids=["T>p", "T<p"])
+@pytest.mark.parametrize("backward", EXACT)
+@pytest.mark.parametrize("method", METHODS)
+def test_gradcheck_every_method_and_exact_backward(method, backward, shape):
+    V, lengths = _gradcheck_case(*shape)
+    assert gradcheck(RankPool(1.0, 0.4, method=method, backward=_strategy(backward)), V, lengths)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_diagonal_backward_after_every_method(method):
+    """The diagonal approximation is ``−∂/∂V[wᵀ∇f]`` with ``w = g / diag(H)``, whatever the method."""
+    V, lengths = _gradcheck_case(6, 3)
+    G = _data(1, 3, 3, seed=12)[0]
+    grads = []
+    for m in (method, "tspace"):
+        X = V.clone().requires_grad_(True)
+        (dV,) = torch.autograd.grad(RankPool(1.0, 0.4, method=m, backward="diagonal")(X, lengths), X, G)
+        grads.append(dV)
+    assert errors(grads[0], grads[1])[0] < 1e-10
+
+
+def test_exact_backwards_agree_across_methods():
+    """Every method × exact strategy gives one gradient (1e-8), padded steps exactly zero."""
+    for T, p in [(30, 5), (5, 30)]:
+        V = _data(3, T, p, seed=13 + T, scale=0.5)
+        lengths = torch.tensor([T, T - 3, 2])
+        G = _data(1, 3, p, seed=14)[0]
+        ref = None
+        for method in METHODS:
+            for backward in EXACT:
+                X = V.clone().requires_grad_(True)
+                pool = RankPool(1.0, 0.3, method=method, backward=_strategy(backward))
+                (dV,) = torch.autograd.grad(pool(X, lengths), X, G)
+                assert bool((dV[1, T - 3:] == 0).all())
+                if ref is None:
+                    ref = dV
+                rel = errors(dV, ref)[0]
+                assert rel < 1e-8, (T, p, method, backward, rel)
+
+
+def test_pspace_hands_over_the_factor_of_H():
+    """p-space: ``H = I + I·M`` with ``A = I`` (an expanded view) and ``B = M = C V_AᵀV_A``; its
+    capacitance matrix is ``H`` itself, factorised by the forward; no ``T × T`` buffer anywhere."""
+    V = _data(2, 40, 5, seed=40, scale=0.4)
+    mask = _mask([40, 30], 40)
+    V = V * mask.unsqueeze(-1)
+    obj = RankPoolObjective(2.0, 0.1, method="pspace")
+    sol = obj.solve(V, mask)
+    H = obj.hessian(V, sol.u, mask, sol.state)
+    assert H.A.stride(0) == 0  # the identity, not materialised per sample
+    assert H.capacitance_factor is sol.state.factor and H.capacitance_factor.shape == (2, 5, 5)
+    torch.testing.assert_close(H.capacitance(), H.dense())  # I + M = H
+    dense = obj.hessian(V, sol.u, mask).dense()  # the T-row structure, from u
+    torch.testing.assert_close(H.dense(), dense)
+    L = H.capacitance_factor
+    torch.testing.assert_close(L @ L.mT, dense)
+    g = _data(1, 2, 5, seed=41)[0]
+    w = argminlayers.Woodbury().solve(H, g)
+    torch.testing.assert_close(w, torch.linalg.solve(dense, g))
+    assert all(t.shape[-1] != 40 or t.dim() < 3 for t in (sol.state.factor, sol.state.gram))
+
+
+def test_cg_backward_is_preconditioned_cg(monkeypatch):
+    """After Newton-CG the exact backward ("auto") runs CG on S H S with the forward's Nyström
+    preconditioner S, not a factorisation; it matches Woodbury to 1e-8."""
+    V = _data(2, 30, 8, seed=42, scale=0.3).cumsum(1)
+    G = _data(1, 2, 8, seed=43)[0]
+    ref = torch.autograd.grad(RankPool(method="tspace", backward="woodbury")(V.requires_grad_(True)), V, G)[0]
+    applied = []
+    original = NystromPreconditioner.apply
+    monkeypatch.setattr(NystromPreconditioner, "apply", lambda self, x: (applied.append(1), original(self, x))[1])
+    X = V.detach().clone().requires_grad_(True)
+    U = RankPool(method="cg")(X)
+    applied.clear()
+    calls = []
+    for name in ["cholesky", "cholesky_ex"]:
+        fn = getattr(torch.linalg, name)
+        monkeypatch.setattr(torch.linalg, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1])
+    (dV,) = torch.autograd.grad(U, X, G)
+    assert calls == [] and len(applied) > 2
+    assert errors(dV, ref)[0] < 1e-8
+
+
+def test_nystrom_preconditioner_is_the_stated_operator():
+    """``S = I + U diag(s − 1) Uᵀ`` with orthonormal ``U`` and ``s ∈ (0, 1]``; ``S H S`` has
+    its largest eigenvalues pulled in (a smaller condition number than ``H``)."""
+    V = _data(2, 200, 30, seed=44, scale=30**-0.5).cumsum(1)
+    mask = torch.ones(2, 200, dtype=torch.bool)
+    P = NystromPreconditioner.sketch(V, mask, 1.0, rank=8)
+    assert P.U.shape == (2, 30, 8) and P.s.shape == (2, 8)
+    torch.testing.assert_close(P.U.mT @ P.U, torch.eye(8, dtype=F64).expand(2, 8, 8))
+    assert bool(((P.s > 0) & (P.s <= 1)).all())
+    H = torch.eye(30, dtype=F64) + V.mT @ V
+    S = torch.stack([torch.func.vmap(lambda e: P.apply(e.expand(2, 30))[b])(torch.eye(30, dtype=F64))
+                     for b in range(2)])
+    cond = torch.linalg.cond(H)
+    cond_p = torch.linalg.cond(S @ H @ S)
+    assert bool((cond_p < cond / 10).all()), (cond, cond_p)
+
+
+# ---------------------------------------------------------------------------- the choice
+def test_auto_runs_the_chosen_method_and_reports_it():
+    tall, wide = _data(2, 400, 4, seed=45, scale=0.1), _data(2, 4, 400, seed=46, scale=0.3)
+    for V in (tall, wide):
+        pool = RankPool()
+        assert pool.method == "auto" and pool.last_method is None
+        U = pool(V)
+        chosen = choose_method(*V.shape, dtype=V.dtype, device=V.device)
+        assert pool.last_method == chosen == pool.objective.choose_method(V)
+        sol = pool.layer.solve(V, torch.ones(V.shape[:2], dtype=torch.bool))
+        assert sol.state.method == chosen
+        torch.testing.assert_close(U, RankPool(method=chosen)(V))
+    assert RankPool()(tall) is not None and RankPool().objective.choose_method(tall) == "pspace"
+    assert RankPool().objective.choose_method(wide) == "tspace"
+    for method in METHODS:
+        pool = RankPool(method=method)
+        pool(tall)
+        assert pool.last_method == method == pool.objective.choose_method(tall)
+    assert RankPool(solver="newton").last_method is None
+
+
+def test_cost_model_choices():
+    """Small ``min(T, p)``: the space of the smaller side; both large: matrix-free; memory caps."""
+    assert choose_method(16, 300, 64) == "pspace"
+    assert choose_method(4, 8000, 64) == "pspace"
+    assert choose_method(2, 50, 512) == "tspace"
+    assert choose_method(4, 100, 4096) == "tspace"
+    assert choose_method(4, 4000, 512) != "tspace"
+    assert choose_method(16, 4000, 4096) == "cg"
+    assert choose_method(2, 100, 80, memory_limit=1) == "cg"  # nothing direct fits
+    costs = method_costs(16, 4000, 2048)
+    assert set(costs) == set(METHODS)
+    assert costs["tspace"].bytes > 4 * 2**30 and costs["cg"].bytes < 2**27
+    assert choose_method(16, 4000, 2048) != "tspace"
+
+
+@pytest.mark.parametrize("bad", ["nope", "Tspace", None, 3])
+def test_bad_method_is_refused(bad):
+    with pytest.raises(ValueError, match=f"method={bad!r} is not known; choose one of"):
+        RankPool(method=bad)
+    with pytest.raises(ValueError, match="method="):
+        RankPoolObjective(method=bad)
+    with pytest.raises(ValueError, match="method="):
+        rank_pool_solve(_data(1, 3, 2), torch.ones(1, 3, dtype=torch.bool), 1.0, 0.1, method=bad)
+
+
+# ------------------------------------------------------------------------------- devices
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_matches_cpu_every_method(method):
+    V = _data(3, 20, 16, seed=29, scale=0.3)
+    lengths = torch.tensor([20, 12, 5])
+    G = _data(1, 3, 16, seed=30)[0]
+    ref = torch.autograd.grad(RankPool(method="tspace")(V.requires_grad_(True), lengths), V, G)[0]
+    X = V.detach().cuda().requires_grad_(True)
+    U = RankPool(method=method)(X, lengths.cuda())
+    (dV,) = torch.autograd.grad(U, X, G.cuda())
+    assert U.device.type == "cuda"
+    torch.testing.assert_close(U.cpu(), RankPool(method="tspace")(V.detach(), lengths), atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(dV.cpu(), ref, atol=1e-8, rtol=1e-6)
