@@ -27,7 +27,7 @@ method      each step                                suits
 - :mod:`~poolings.rank.layer`: the :class:`RankPool` module.
 """
 
-from .common import check_rank_params, rank_targets, signed_active_set
+from .common import check_rank_param, check_rank_params, rank_targets, signed_active_set
 from .cost import METHODS, choose_method, method_costs
 from .layer import RankPool
 from .objective import RankPoolBackward, RankPoolObjective, RankPoolState, rank_pool_solve
@@ -38,6 +38,7 @@ __all__ = [
     "RankPoolBackward",
     "RankPoolObjective",
     "RankPoolState",
+    "check_rank_param",
     "check_rank_params",
     "choose_method",
     "method_costs",

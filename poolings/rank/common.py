@@ -26,13 +26,30 @@ def check_rank_params(C: Any, eps: Any) -> tuple[float, float]:
     for name, value in (("C", C), ("eps", eps)):
         if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if not math.isfinite(float(value)):
-            raise ValueError(f"{name} must be finite, got {value}")
-    if C <= 0:
-        raise ValueError(f"C must be > 0, got {C}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    return float(C), float(eps)
+    return check_rank_value("C", float(C)), check_rank_value("eps", float(eps))
+
+
+def check_rank_param(name: str, value: Any) -> float | Tensor:
+    """``C`` or ``eps`` as a float (:func:`check_rank_params`), or as a one-element floating
+    tensor (an ``nn.Parameter`` to learn it) with a value in the same range."""
+    if not isinstance(value, Tensor):
+        return check_rank_params(**{"C": 1.0, "eps": 0.0, name: value})[name == "eps"]
+    if value.numel() != 1 or not value.is_floating_point():
+        raise TypeError(f"{name} must be a real number or a one-element floating tensor, got a tensor of shape "
+                        f"{tuple(value.shape)} and dtype {value.dtype}")
+    check_rank_value(name, float(value.detach()))
+    return value
+
+
+def check_rank_value(name: str, value: float, *, learned: bool = False) -> float:
+    """``value`` of ``C`` (finite, ``> 0``) or ``eps`` (finite, ``≥ 0``); ``learned``: the
+    message says how to keep a trained one in range."""
+    bound = "> 0" if name == "C" else ">= 0"
+    if not math.isfinite(value) or (value <= 0 if name == "C" else value < 0):
+        what = f"must be finite and {bound}" if not math.isfinite(value) else f"must be {bound}"
+        hint = f"; keep a learned {name} in range by a parametrisation, e.g. {name} = log_{name}.exp()" if learned else ""
+        raise ValueError(f"{name} {what}, got {value}{hint}")
+    return value
 
 
 def signed_active_set(r: Tensor, mask: Tensor, eps: float) -> tuple[Tensor, Tensor]:

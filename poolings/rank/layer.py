@@ -20,8 +20,9 @@ class RankPool(Pooling):
 
     Args:
         C: regularisation ``> 0`` of ``f(v, u) = ½‖u‖² + C/2 Σ_t [|t − uᵀv_t| − ε]₊²``
-            (liblinear's ``-c`` is ``C/2``).
-        eps: insensitive zone ``ε ≥ 0``.
+            (liblinear's ``-c`` is ``C/2``). A number or a one-element tensor; an
+            ``nn.Parameter`` is learned with the rest of the model (exact gradients).
+        eps: insensitive zone ``ε ≥ 0``; a number or a one-element tensor, as ``C``.
         method: the exact forward: ``"auto"`` (default: chosen per call from ``(B, T, p)``, dtype
             and device by :func:`~poolings.rank.cost.choose_method`), ``"tspace"`` (``T × T``
             Cholesky), ``"pspace"`` (``p × p`` Cholesky) or ``"cg"`` (matrix-free Newton-CG).
@@ -78,19 +79,25 @@ class RankPool(Pooling):
         if solver is None:  # tol / max_iter configure the active-set solve itself
             objective_options = {k: layer_options.pop(k) for k in ("tol", "max_iter") if k in layer_options}
             objective_options = {k: v for k, v in objective_options.items() if v is not None}
-        self.objective = RankPoolObjective(C, eps, method=method, **objective_options)
+        objective = RankPoolObjective(C, eps, method=method, **objective_options)
         if isinstance(backward, str) and backward == "auto":
             backward = RankPoolBackward()
-        self.layer = ArgminLayer(self.objective, backward=backward, solver=solver, **layer_options)
+        self.layer = ArgminLayer(objective, backward=backward, solver=solver, **layer_options)
         self.smoothing, self.signed_sqrt = bool(smoothing), bool(signed_sqrt)
         self.normalize, self.bidirectional = bool(normalize), bool(bidirectional)
 
     @property
-    def C(self) -> float:
+    def objective(self) -> RankPoolObjective:
+        """The layer's objective (registered once, under ``layer.objective``: a learned ``C``
+        is ``layer.objective.C`` in ``state_dict``)."""
+        return self.layer.objective
+
+    @property
+    def C(self) -> float | Tensor:
         return self.objective.C
 
     @property
-    def eps(self) -> float:
+    def eps(self) -> float | Tensor:
         return self.objective.eps
 
     @property
@@ -104,7 +111,7 @@ class RankPool(Pooling):
 
     def extra_repr(self) -> str:
         return (
-            f"C={self.C:g}, eps={self.eps:g}, method={self.method!r}, smoothing={self.smoothing}, "
+            f"C={float(self.C):g}, eps={float(self.eps):g}, method={self.method!r}, smoothing={self.smoothing}, "
             f"signed_sqrt={self.signed_sqrt}, normalize={self.normalize}, bidirectional={self.bidirectional}"
         )
 

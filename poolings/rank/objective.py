@@ -20,7 +20,6 @@ found by the forward pass.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,7 @@ from torch import Tensor
 from argminlayers import CG, FunctionHessian, LowRankHessian, Objective, Solution, Strategy, Woodbury
 
 from .active_set import active_set_solve
-from .common import check_rank_params, excess, frames_combine, frames_dot, loss, rank_targets, rounding_floor
+from .common import check_rank_param, check_rank_value, excess, frames_combine, frames_dot, loss, rank_targets, rounding_floor
 from .common import signed_active_set
 from .cost import METHODS, choose_method
 from .newton_cg import NewtonCGSpace, NystromPreconditioner
@@ -133,6 +132,12 @@ class RankPoolObjective(Objective):
     ops) serves the generic :mod:`torch.func` paths and cross-checks. ``C`` and ``eps`` live
     here and only here: every method reads them from the objective.
 
+    ``C`` and ``eps`` are numbers, or one-element tensors: an ``nn.Parameter`` is registered
+    (it appears in ``parameters()`` and gets its gradient), a tensor that requires grad is read
+    as an attribute and differentiated as one, and any other tensor is a buffer. The solve
+    always runs on their float values; their gradients come from the closed forms of
+    :meth:`vjp`.
+
     Args:
         C: regularisation, ``> 0`` (liblinear's ``C`` is ``C/2``).
         eps: insensitive zone ``ε ≥ 0``.
@@ -149,7 +154,12 @@ class RankPoolObjective(Objective):
 
     def __init__(self, C: float = 1.0, eps: float = 0.1, *, method: str = "auto", tol: float = 1e-10,
                  check_tol: float = 1e-6, max_iter: int = 50):
-        self.C, self.eps = check_rank_params(C, eps)
+        for name, value in (("C", C), ("eps", eps)):
+            value = check_rank_param(name, value)
+            if isinstance(value, Tensor) and not value.requires_grad:
+                self.register_buffer(name, value)
+            else:  # a number; a Parameter (registered); a tensor computed upstream (an attribute)
+                setattr(self, name, value)
         self.method = check_method(method)
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}")
@@ -160,7 +170,14 @@ class RankPoolObjective(Objective):
         self.last_method: str | None = None
 
     def __repr__(self) -> str:
-        return f"RankPoolObjective(C={self.C:g}, eps={self.eps:g}, method={self.method!r})"
+        return f"RankPoolObjective(C={float(self.C):g}, eps={float(self.eps):g}, method={self.method!r})"
+
+    def values(self) -> tuple[float, float]:
+        """``(C, eps)`` as floats, what the solves run on; a learned value that left its range
+        (``C ≤ 0``, ``eps < 0``, not finite) is refused with a hint."""
+        return tuple(check_rank_value(name, float(x.detach() if isinstance(x, Tensor) else x),
+                                      learned=isinstance(x, Tensor))
+                     for name, x in (("C", self.C), ("eps", self.eps)))
 
     def choose_method(self, V: Tensor) -> str:
         """The method :meth:`solve` runs for ``V (B, T, p)``: ``method`` unless it is ``"auto"``."""
@@ -179,7 +196,8 @@ class RankPoolObjective(Objective):
         """:func:`rank_pool_solve` with this objective's ``C``, ``eps``, method and tolerances."""
         method = self.choose_method(V)
         self.last_method = method
-        return rank_pool_solve(V, mask, self.C, self.eps, method=method, tol=self.tol, check_tol=self.check_tol,
+        C, eps = self.values()
+        return rank_pool_solve(V, mask, C, eps, method=method, tol=self.tol, check_tol=self.check_tol,
                                max_iter=self.max_iter)
 
     def _residuals(self, V: Tensor, U: Tensor, mask: Tensor) -> Tensor:
@@ -237,7 +255,7 @@ class RankPoolObjective(Objective):
             B, p = U.shape
             eye = torch.eye(p, dtype=U.dtype, device=U.device).expand(B, p, p)
             return LowRankHessian(ones, eye, state.gram, capacitance_factor=state.factor)
-        scale = math.sqrt(self.C) * active.to(V.dtype)  # (B, T): rows √C v_t on A, no copy of V
+        scale = self.C**0.5 * active.to(V.dtype)  # (B, T): rows √C v_t on A, no copy of V
         if isinstance(state, RankPoolState) and state.method == "cg":
             return PreconditionedHessian(ones, V, row_scale=scale, preconditioner=state.preconditioner)
         factor = state.factor if isinstance(state, RankPoolState) else None
@@ -254,6 +272,28 @@ class RankPoolObjective(Objective):
         rows = torch.stack((W, U), dim=1)  # (B, 2, p)
         return torch.bmm(coef, rows)
 
+
+    def vjp(self, V: Tensor, U: Tensor, mask: Tensor, W: Tensor, wrt: Any, state: Any = None) -> dict[str, Tensor]:
+        """Closed forms for a tensor ``C`` or ``eps`` (``V`` is :meth:`vjp_v`'s), summed over the batch::
+
+            ∂/∂C [wᵀ∇_u f] = −Σ_{t∈A} e_t (wᵀv_t)        ∂/∂ε [wᵀ∇_u f] = C Σ_{t∈A} s_t (wᵀv_t)
+
+        (``∇_u f = u − C Σ_A e_t v_t`` with ``e_t = r_t − s_t ε``). One pass over ``V`` for ``V w``.
+        """
+        hits = {k: x for k, x in wrt.items() if isinstance(x, Tensor) and (x is self.C or x is self.eps)}
+        if not hits:
+            return {}
+        _, e = self._active_and_excess(V, U, mask, state)
+        Vw = frames_dot(V, W)  # (B, T); e is zero off A
+        out = {}
+        for k, x in hits.items():
+            d = torch.zeros((), dtype=V.dtype, device=V.device)
+            if x is self.C:
+                d = d - (e * Vw).sum()
+            if x is self.eps:
+                d = d + self.C * (torch.sign(e) * Vw).sum()
+            out[k] = d.to(x.dtype).reshape(x.shape)
+        return out
 
 class PreconditionedHessian(LowRankHessian):
     """A :class:`~argminlayers.LowRankHessian` that also carries the forward's

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from argminlayers.validation import resolve_mask
 
-from ..rank import check_rank_params  # one validator for every rank pooling
+from ..rank import check_rank_param, check_rank_params  # one validator for every rank pooling
 
 __all__ = [
     "CvxpyAvgPool",
@@ -43,6 +43,7 @@ __all__ = [
     "CvxpyRankPool",
     "TheseusRankPool",
     "avg_pool_grad_u",
+    "check_rank_param",
     "check_rank_params",
     "prepare_sequences",
     "rank_pool_grad_u",

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import avg_pool_grad_u, check_rank_params, prepare_sequences, rank_pool_grad_u, relative_kkt_residual
+from . import avg_pool_grad_u, check_rank_param, prepare_sequences, rank_pool_grad_u, relative_kkt_residual
 
 _INSTALL_HINT = "pip install 'cvxpylayers==1.2.0' cvxpy diffcp clarabel scs (or `pip install -e .[cvxpylayers]`)"
 
@@ -97,8 +97,13 @@ class _CvxpyPool(nn.Module):
         return self.solver_args["solve_method"]
 
     def _problem(self, T: int, p: int):  # pragma: no cover - abstract
-        """Return ``(problem, V_param (T, p), u_var (p,))``."""
+        """Return ``(problem, V_param (T, p), u_var (p,))``; ``V_param`` may also be a list
+        ``[V_param, *others]`` whose other parameters take the values of :meth:`_values`."""
         raise NotImplementedError
+
+    def _values(self, T: int) -> tuple[Tensor, ...]:
+        """Values of the program's parameters other than ``V`` for length ``T`` (differentiable)."""
+        return ()
 
     def _target_scale(self, T: int) -> float:
         return 1.0
@@ -108,10 +113,11 @@ class _CvxpyPool(nn.Module):
         if key not in self._layers:
             _, CvxpyLayer = _import_cvxpy()
             start = time.perf_counter()
-            problem, V_param, u_var = self._problem(T, p)
+            problem, params, u_var = self._problem(T, p)
             if not problem.is_dpp():  # pragma: no cover - the formulations are DPP
                 raise RuntimeError("internal error: the reference problem is not DPP")
-            self._layers[key] = CvxpyLayer(problem, parameters=[V_param], variables=[u_var])
+            params = list(params) if isinstance(params, (list, tuple)) else [params]
+            self._layers[key] = CvxpyLayer(problem, parameters=params, variables=[u_var])
             self.build_seconds += time.perf_counter() - start
         return self._layers[key]
 
@@ -129,7 +135,8 @@ class _CvxpyPool(nn.Module):
         V0, _, n = prepare_sequences(V, lengths)
         p = V0.shape[2]
         Vc = V0.to(device="cpu", dtype=torch.float64)  # (B, T, p); cvxpylayers solves on the CPU
-        needs_grad = torch.is_grad_enabled() and V.requires_grad
+        needs_grad = torch.is_grad_enabled() and (
+            V.requires_grad or any(x.requires_grad for x in self._values(1)))
         args = dict(self.solver_args)
         if not needs_grad:
             args.pop("mode", None)  # a derivative option; diffcp passes it to the solver otherwise
@@ -139,10 +146,11 @@ class _CvxpyPool(nn.Module):
             idx = (n_cpu == T).nonzero().flatten()  # samples of this length
             k = self._target_scale(T)
             layer = self._layer(T, p)
+            extra = [x.to(device="cpu", dtype=torch.float64).reshape(()) for x in self._values(T)]
             with warnings.catch_warnings():
                 # cvxpylayers 1.2.0 converts tensors with a numpy-1 idiom
                 warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
-                (u,) = layer(Vc[idx, :T], solver_args=args)  # (b, p)
+                (u,) = layer(Vc[idx, :T], *extra, solver_args=args)  # (b, p)
             pieces.append(u.reshape(len(idx), p) * k)
             order.append(idx)
         inverse = torch.argsort(torch.cat(order))
@@ -197,8 +205,13 @@ class CvxpyRankPool(_CvxpyPool):
     ``s ≥ 0`` is not needed: where ``|r_t| < ε`` the smallest feasible ``s_t²`` is at
     ``s_t = 0``, so at the optimum ``s_t = [|r_t| − ε]₊``.
 
+    With ``C`` or ``eps`` given as tensors, both become ``cp.Parameter`` objects of the program
+    (``C`` multiplies ``‖s‖²``, ``ε/k`` enters the constraints; still DPP), and cvxpylayers
+    differentiates with respect to them too: the reference for learned ``C`` and ``ε``.
+
     Args:
-        C, eps: the objective's hyperparameters (``C > 0``, ``eps ≥ 0``).
+        C, eps: the objective's hyperparameters (``C > 0``, ``eps ≥ 0``): numbers, or
+            one-element tensors that get gradients.
         solve_method: "SCS" (default, the accurate one here) or "Clarabel".
         solver_args: options merged over the accurate defaults in ``SOLVER_DEFAULTS``
             (solver options plus diffcp's derivative ``mode``).
@@ -227,10 +240,17 @@ class CvxpyRankPool(_CvxpyPool):
         solver_args: dict[str, Any] | None = None,
     ):
         super().__init__(solve_method=solve_method, solver_args=solver_args)
-        self.C, self.eps = check_rank_params(C, eps)
+        self.C, self.eps = check_rank_param("C", C), check_rank_param("eps", eps)
+        self.parametric = isinstance(self.C, Tensor) or isinstance(self.eps, Tensor)
 
     def _target_scale(self, T: int) -> float:
         return float(T)
+
+    def _values(self, T: int) -> tuple[Tensor, ...]:
+        if not self.parametric:
+            return ()
+        C, eps = (torch.as_tensor(x, dtype=torch.float64) for x in (self.C, self.eps))
+        return C, eps / self._target_scale(T)
 
     def _problem(self, T: int, p: int):
         cp, _ = _import_cvxpy()
@@ -239,16 +259,20 @@ class CvxpyRankPool(_CvxpyPool):
         u = cp.Variable(p)
         s = cp.Variable(T)
         y = np.arange(1, T + 1, dtype=np.float64) / k
-        e = self.eps / k
-        objective = cp.Minimize(0.5 * cp.sum_squares(u) + (self.C / 2) * cp.sum_squares(s))
-        return cp.Problem(objective, [s >= y - V @ u - e, s >= V @ u - y - e]), V, u
+        if self.parametric:
+            C, e = cp.Parameter(nonneg=True), cp.Parameter(nonneg=True)
+            params = [V, C, e]
+        else:
+            C, e, params = float(self.C), float(self.eps) / k, V
+        objective = cp.Minimize(0.5 * cp.sum_squares(u) + (C / 2) * cp.sum_squares(s))
+        return cp.Problem(objective, [s >= y - V @ u - e, s >= V @ u - y - e]), params, u
 
     def kkt_residual(self, V: Tensor, U: Tensor, lengths: Tensor | None = None) -> Tensor:
         """``(B,)`` float64 ``‖∇_u f(U)‖ / ‖U‖``: how far ``U`` is from the exact minimiser's condition."""
-        return relative_kkt_residual(rank_pool_grad_u(V, U, lengths, self.C, self.eps), U)
+        return relative_kkt_residual(rank_pool_grad_u(V, U, lengths, float(self.C), float(self.eps)), U)
 
     def extra_repr(self) -> str:
-        return f"C={self.C}, eps={self.eps}, solve_method={self.solve_method!r}"
+        return f"C={float(self.C)}, eps={float(self.eps)}, solve_method={self.solve_method!r}"
 
 
 class CvxpyAvgPool(_CvxpyPool):
