@@ -197,3 +197,28 @@ def test_learned_C_out_of_range_is_refused_at_the_call():
         C.fill_(-0.5)
     with pytest.raises(ValueError, match=r"C must be > 0, got -0.5; keep a learned C in range by a parametrisation"):
         pool(_V(), LENGTHS)
+
+
+def test_torch_compile_of_a_model_with_learned_C_matches_eager():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 3)
+            self.pool = RankPool(C=nn.Parameter(torch.tensor(0.9)), eps=nn.Parameter(torch.tensor(0.1)))
+
+        def forward(self, x, lengths):
+            return self.pool(torch.tanh(self.embed(x)), lengths).sum(-1)
+
+    torch.manual_seed(0)
+    model = Model()
+    x, lengths = torch.randn(3, 6, 4), torch.tensor([6, 4, 2])
+    ref = model(x, lengths)
+    ref.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = torch.compile(model, backend="aot_eager")(x, lengths)  # the layer runs eagerly inside
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for p, g in zip(model.parameters(), grads):
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0)
+        torch.testing.assert_close(p.grad, g)
