@@ -80,7 +80,7 @@ class PSpace(FactoredSpace):
         e = excess(r, sign, self.eps)
         cols = (self.C * e).unsqueeze(1)
         if S is not None:  # and C V_Aᵀ(y − s ε) of the candidate sets, in the same pass
-            cols = torch.cat((cols, self.C * (S != 0) * (self.y.unsqueeze(1) - S * self.eps)), dim=1)
+            cols = torch.cat((cols, (S != 0) * (self.C * (self.y.unsqueeze(1) - S * self.eps))), dim=1)
         W = torch.bmm(cols.to(self.V.dtype), self.V).to(WD)  # (B, 1 + k, p): one pass
         self._rhs_cache = W[:, 1:]
         g = x - W[:, 0]
