@@ -59,9 +59,12 @@ class SmallTSpace:
         self.K = space.K.numpy()  # (B, T, T)
         self.y, self.C, self.eps = space.y.numpy(), space.C, space.eps
 
-    def gradient(self, x, e):
+    def gradient(self, x, e, S):
+        """``‖∇_u f‖`` at the points ``x`` (``e``: their excesses), ``(B,)``, and the right-hand
+        sides of the candidate sets ``S (B, 2, T)``, ``(B, 2, n)``."""
         gamma = x - self.C * e  # ∇_u f = Vᵀγ, ‖∇_u f‖² = γᵀKγ
-        return np.sqrt(np.maximum((gamma * np.matmul(gamma[:, None], self.K)[:, 0]).sum(-1), 0))
+        g = np.sqrt(np.maximum((gamma * np.matmul(gamma[:, None], self.K)[:, 0]).sum(-1), 0))
+        return g, (S != 0) * (self.C * (self.y[:, None] - self.eps * S))  # C D (y − s ε)
 
     def matrices(self, rows, A):
         """``I + C D K D`` of the sets ``A (c, T)`` of samples ``rows (c,)``, ``(c, T, T)``."""
@@ -69,12 +72,10 @@ class SmallTSpace:
         H += np.eye(H.shape[-1])
         return H
 
-    def rhs(self, rows, S, A):
-        return A * (self.C * (self.y[rows] - self.eps * S))  # C D (y − s ε)
-
-    def residuals(self, rows, X):
-        R = self.y[rows] - np.matmul(X[:, None], self.K[rows])[:, 0]  # r = y − Kβ
-        return R, (X * (self.y[rows] - R)).sum(-1)  # ‖u‖² = βᵀKβ
+    def residuals(self, X):
+        """``(R, ‖u‖²)`` of the points ``X (B, 2, n)``: ``(B, 2, T)``, ``(B, 2)``."""
+        R = self.y[:, None] - np.matmul(X, self.K)  # r = y − Kβ
+        return R, (X * (self.y[:, None] - R)).sum(-1)  # ‖u‖² = βᵀKβ
 
     def line_terms(self, x, d, r, dr):
         return -(x * dr).sum(-1), -(d * dr).sum(-1)  # K d = −Δr
@@ -98,23 +99,17 @@ class SmallPSpace:
         self.y, self.C, self.eps = space.y.numpy(), space.C, space.eps
         self._H = None
 
-    def _pass(self, rows, c, transpose):
-        """``V c`` (``transpose``: ``c (m, p)`` → ``(m, T)``) or ``Vᵀc`` (``c (m, T)`` → ``(m, p)``)
-        of samples ``rows`` (``None``: all), float64: one pass, a batched product in the dtype of
-        ``V``. Samples in order from the first are read in place, the others gathered."""
-        B = self.Vt.shape[0]
-        if rows is None:
-            rows = np.arange(B)
-        lead = min(rows.size, B)
-        lead = lead if np.array_equal(rows[:lead], np.arange(lead)) else 0
-        c = torch.from_numpy(c).to(self.Vt.dtype).unsqueeze(1)
-        parts = (self.Vt[:lead], self.Vt.index_select(0, torch.from_numpy(rows[lead:])))
-        out = [torch.bmm(ci, Vi.transpose(1, 2) if transpose else Vi)
-               for ci, Vi in zip((c[:lead], c[lead:]), parts) if ci.shape[0]]
-        return torch.cat(out).squeeze(1).to(torch.float64).numpy()
+    def _pass(self, c, transpose):
+        """``Vᵀc`` (``c (B, k, T)`` → ``(B, k, p)``) or, ``transpose``, ``V c`` (``(B, k, p)`` →
+        ``(B, k, T)``), float64: one pass, a batched product in the dtype of ``V``."""
+        c = torch.from_numpy(c).to(self.Vt.dtype)
+        return torch.bmm(c, self.Vt.transpose(1, 2) if transpose else self.Vt).to(torch.float64).numpy()
 
-    def gradient(self, x, e):
-        return np.linalg.norm(x - self._pass(None, self.C * e, False), axis=-1)  # u − C Vᵀe
+    def gradient(self, x, e, S):
+        # u − C Vᵀe and C V_Aᵀ(y − s ε) of the candidate sets, in one pass
+        W = self._pass(np.concatenate(((self.C * e)[:, None], (S != 0) * (self.C * (self.y[:, None] - self.eps * S))),
+                                      axis=1), False)  # (B, 3, p)
+        return np.linalg.norm(x - W[:, 0], axis=-1), W[:, 1:]
 
     def matrices(self, rows, A):
         """``I + M_A`` from each sample's ``M`` and the steps whose membership changed, ``(c, p, p)``."""
@@ -124,18 +119,15 @@ class SmallPSpace:
         k = int(ch.sum(-1).max())
         if k:
             idx = np.argsort(~ch, axis=-1, kind="stable")[:, :k]  # the changed steps first
-            Vd = np.take_along_axis(self.V[rows], idx[:, :, None], 1).astype(np.float64)  # (c, k, p)
+            Vd = self.V[rows[:, None], idx].astype(np.float64)  # (c, k, p)
             w = self.C * np.take_along_axis(A - old, idx, 1)  # +C entering, −C leaving, 0 padding
             H += np.matmul((Vd * w[:, :, None]).transpose(0, 2, 1), Vd)
         self._H = H.copy()  # M of each candidate set, before it is factorised in place
         H += np.eye(H.shape[-1])
         return H
 
-    def rhs(self, rows, S, A):
-        return self._pass(rows, A * (self.C * (self.y[rows] - self.eps * S)), False)  # C V_Aᵀ(y − s ε)
-
-    def residuals(self, rows, X):
-        return self.y[rows] - self._pass(rows, X, True), np.square(X).sum(-1)  # r = y − V u
+    def residuals(self, X):
+        return self.y[:, None] - self._pass(X, True), np.square(X).sum(-1)  # r = y − V u
 
     def line_terms(self, x, d, r, dr):
         return (x * d).sum(-1), np.square(d).sum(-1)
@@ -172,7 +164,8 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
     for it in range(max_iter + 1):
         sgn1 = _signs(r, eps)  # Newton set of the current point
         e = (r - eps * sgn1) * (sgn1 != 0)
-        g = sp.gradient(x, e)
+        S2 = np.stack((sgn1, np.where(beta != 0, np.sign(beta), sgn1)), axis=1)  # Newton, primal-dual sets
+        g, rhs2 = sp.gradient(x, e, S2)  # (B,), (B, 2, n)
         rel = g / np.maximum(np.sqrt(np.maximum(u2, 0)) + C * (np.abs(e) * norms).sum(-1), tiny)
         finished = live & ((rel <= tol) | (stable & (rel <= check_tol)))
         gnorm = g
@@ -184,12 +177,12 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
         # the candidates of the live samples L: every Newton set, then the primal-dual sets that differ
         L = np.flatnonzero(live)
         m = L.size
-        s1, bL = sgn1[L], beta[L]
-        s2 = np.where(bL != 0, np.sign(bL), s1)
+        s1, s2 = S2[L, 0], S2[L, 1]
         D = np.flatnonzero((s1 != s2).any(-1))
         second = np.arange(m)  # the candidate index of each sample's second set (its first where equal)
         second[D] = m + np.arange(D.size)
-        owner = np.concatenate((L, L[D]))  # sample of each candidate
+        owner = np.concatenate((L, L[D]))  # sample of each candidate, and which of its two sets
+        kind = np.concatenate((np.zeros(m, dtype=np.int64), np.ones(D.size, dtype=np.int64)))
         S = np.concatenate((s1, s2[D]))  # (c, T)
         A = S != 0
         # a factor for each candidate: the cache where its support is the cached set (signs flipped
@@ -206,14 +199,17 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
             if bool(cholesky_(torch.from_numpy(H)).any()):  # in place: H now holds the factors
                 return None
         hidx = np.where(src < 0, -1, new[np.maximum(src, 0)])  # (c,) index into H, −1: the cache
-        rhs = sp.rhs(owner, S, A.astype(np.float64))[:, :, None]
+        rhs = rhs2[owner, kind][:, :, None]
         X = np.empty((owner.size, n))
         for rows, F_ in ((hidx >= 0, H), (hidx < 0, cache)):
             if rows.any():
                 at = hidx[rows] if F_ is H else owner[rows]
                 F_ = F_ if F_ is H and np.array_equal(at, np.arange(len(H))) else F_[at]
                 X[rows] = cholesky_solve(torch.from_numpy(rhs[rows]), torch.from_numpy(F_)).numpy()[:, :, 0]
-        R, U2 = sp.residuals(owner, X)
+        Xd = np.zeros((B, 2, n))
+        Xd[owner, kind] = X
+        R, U2 = sp.residuals(Xd)
+        R, U2 = R[owner, kind], U2[owner, kind]
         iters[L] += 1
         reproduced = (_signs(R, eps) == S).all(-1)
         F = 0.5 * U2 + 0.5 * C * _loss(R, eps)
