@@ -82,3 +82,25 @@ def test_which_problems_are_small():
     assert is_small_numpy(2, 50, "cpu") and is_small_numpy(16, 64, torch.device("cpu"))
     assert not is_small_numpy(4, 512, "cpu")  # B n³ above SMALL_FLOPS
     assert not is_small_numpy(2, 50, "cuda")  # NumPy runs on the CPU only
+
+
+@pytest.mark.parametrize("method", list(SPACES))
+@pytest.mark.parametrize("B", [3, 12])  # the general iteration without (B ≤ 8) and with factor bookkeeping
+def test_layer_gives_the_same_gradients_by_either_iteration(method, B, monkeypatch):
+    """Forward and exact backward of RankPool with the NumPy iteration and with the general one
+    (the backward reuses whichever factor, and M, the forward left)."""
+    import poolings.rank.objective as objective
+    from poolings import RankPool
+
+    V, mask = _case(B, 30, 6, seed=B, walk=True)
+    lengths = mask.sum(-1)
+    G = _data(B, 6, 1, seed=9)[..., 0]
+    out = []
+    for small in (True, False):
+        monkeypatch.setattr(objective, "is_small_numpy", lambda *a, small=small: small)
+        X = V.clone().requires_grad_(True)
+        U = RankPool(1.0, 0.1, method=method)(X, lengths)
+        (dV,) = torch.autograd.grad(U, X, G)
+        out.append((U, dV))
+    (U1, d1), (U2, d2) = out
+    assert float((U1 - U2).detach().abs().max()) < 1e-12 and float((d1 - d2).abs().max()) < 1e-10
