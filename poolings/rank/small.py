@@ -8,8 +8,11 @@ iteration on NumPy views of a T-space or p-space method's data (:class:`SmallTSp
 :class:`SmallPSpace`):
 
 - the same two candidate signed sets (Newton, primal–dual), the second only where it differs
-  from the first; every candidate of a live sample is factorised afresh (no reuse of factors
-  across iterations), by the same :func:`~poolings.rank.factored.cholesky_` and solves;
+  from the first, for the live samples only; the same reuse of factors (the sample's cached
+  factor where a candidate's support is its last set, one factor for two candidates of one
+  support), and the same :func:`~poolings.rank.factored.cholesky_` and solves;
+- the same passes: in p-space the gradient and both right-hand sides in one product with
+  ``V``, and both candidates' residuals in another, in the dtype of ``V``;
 - the same moves: a reproduced candidate, else the one with the lower ``f`` if it decreases
   ``f``, else the Newton direction with :func:`~poolings.rank.common.exact_line_search`
   (the same function, on the same float64 data);
