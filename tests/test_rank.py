@@ -139,10 +139,12 @@ def test_hard_regimes_converge_in_few_iterations(case, method, monkeypatch):
     """Large C·K: ReLU features (every |r_t| ≈ ε at the optimum, steps must cross the tube),
     a random walk (half the steps inactive; it needs the exact line search), and T ≫ p."""
     import poolings.rank.active_set as active_set
+    import poolings.rank.small as small
 
     searches = []
     original = active_set.exact_line_search
-    monkeypatch.setattr(active_set, "exact_line_search", lambda *a, **k: (searches.append(1), original(*a, **k))[1])
+    for module in (active_set, small):  # the general iteration and the small problems' one
+        monkeypatch.setattr(module, "exact_line_search", lambda *a, **k: (searches.append(1), original(*a, **k))[1])
     g = torch.Generator().manual_seed(31)
     if case == "relu":
         V = torch.randn(4, 40, 300, generator=g, dtype=F64).relu()

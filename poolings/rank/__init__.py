@@ -23,6 +23,8 @@ method      each step                                suits
 - :mod:`~poolings.rank.common`: parameters, targets, signed sets, the exact line search;
 - :mod:`~poolings.rank.active_set`: the iteration shared by the three methods;
 - :mod:`~poolings.rank.tspace`, :mod:`~poolings.rank.pspace`, :mod:`~poolings.rank.newton_cg`;
+- :mod:`~poolings.rank.small`: the same iteration on NumPy arrays for small T-space and p-space
+  problems on the CPU, where launching tensor operations, not flops, is the cost;
 - :mod:`~poolings.rank.objective`: the objective, its fast paths and the backward;
 - :mod:`~poolings.rank.layer`: the :class:`RankPool` module.
 """

@@ -174,7 +174,7 @@ def active_set_solve(space: Space, C: float, eps: float, *, tol: float, check_to
                 Sk = torch.where(k.unsqueeze(-1) == 1, S[:, 1], sgn1)
             else:
                 Xk, Rk, Sk = X[:, 0], R[:, 0], sgn1
-            beta = torch.where(j, (Rk - Sk * eps) * (Sk != 0) * C, beta)  # float64 first: C × bool is float32
+            beta = torch.where(j, (Sk != 0) * (C * (Rk - Sk * eps)), beta)
             x = torch.where(j, Xk, x)
             r = torch.where(j, Rk, r)
             u2 = torch.where(jump, U2.gather(1, k.unsqueeze(1)).squeeze(1), u2)
@@ -193,7 +193,7 @@ def active_set_solve(space: Space, C: float, eps: float, *, tol: float, check_to
             f_a = 0.5 * u2_a + 0.5 * C * loss(r_a, mask, eps)
             step = search & (a > 0) & (f_a <= f)
             s = step.unsqueeze(-1)
-            beta_n = (R[:, 0] - sgn1 * eps) * (sgn1 != 0) * C
+            beta_n = (sgn1 != 0) * (C * (R[:, 0] - sgn1 * eps))
             x = torch.where(s, x_a, x)
             r = torch.where(s, r_a, r)
             beta = torch.where(s, beta + a.unsqueeze(-1) * (beta_n - beta), beta)

@@ -205,7 +205,13 @@ class FactoredSpace(Space):
             return
         slot = slot[rows]
         cache = self._cache()
-        if rows.numel() * self.n**2 <= SMALL_COPY:
+        B, m = cache.shape[0], rows.numel()
+        in_order = bool((slot == torch.arange(m, device=slot.device)).all())
+        if in_order and m == B == self._work.shape[0] and bool((rows == slot).all()):
+            self.factor, self._work = self._work, cache  # every sample's new factor: swap the buffers
+        elif in_order:
+            cache.index_copy_(0, rows, F[:m])  # no gather of the factors
+        elif m * self.n**2 <= SMALL_COPY:
             cache.index_copy_(0, rows, F[slot])
         else:  # row by row: no (m, n, n) temporary
             for b, i in zip(rows.tolist(), slot.tolist()):

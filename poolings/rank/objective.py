@@ -34,6 +34,7 @@ from .common import signed_active_set
 from .cost import METHODS, choose_method
 from .newton_cg import NewtonCGSpace, NystromPreconditioner
 from .pspace import PSpace
+from .small import is_small_numpy, small_solve
 from .tspace import TSpace
 
 METHOD_CHOICES = ("auto", *METHODS)
@@ -104,23 +105,38 @@ def rank_pool_solve(
     floor_tol, floor_check = rounding_floor(torch.float64 if method == "tspace" else V.dtype)
     tol = max(float(tol), floor_tol)
     check_tol = max(float(check_tol), floor_check, tol)
-    space = {"tspace": lambda: TSpace(V, mask, C, eps), "pspace": lambda: PSpace(V, mask, C, eps),
-             "cg": lambda: NewtonCGSpace(V, mask, C, eps, tol=tol)}[method]()
-    res = active_set_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter)
+    # the iteration is hundreds of small operations: inference mode spares each one the autograd
+    # bookkeeping (measured 9 → 6.5 µs per operation on (2, 50) tensors, one thread); what leaves
+    # it is copied into ordinary tensors, which the backward may record on
+    with torch.inference_mode():
+        space = {"tspace": lambda: TSpace(V, mask, C, eps), "pspace": lambda: PSpace(V, mask, C, eps),
+                 "cg": lambda: NewtonCGSpace(V, mask, C, eps, tol=tol)}[method]()
+        res = None
+        if method != "cg" and is_small_numpy(V.shape[0], space.n, V.device):
+            res = small_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter)
+        if res is None:
+            res = active_set_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter)
+        factor = space.final_factor(res.active) if method != "cg" else None
     dt = V.dtype
-    state = RankPoolState(method, res.active, excess(res.r, res.sign, eps).to(dt))
+    state = RankPoolState(method, _ordinary(res.active), _ordinary(excess(res.r, res.sign, eps), dt))
     if method == "tspace":
         U = frames_combine(V, res.x.to(dt))  # u = Vᵀβ: the second pass over V
-        state.factor = space.final_factor(res.active).to(dt)
+        state.factor = _ordinary(factor, dt)
     else:
-        U = res.x.to(dt)
+        U = _ordinary(res.x, dt)
         if method == "pspace":
-            state.factor = space.final_factor(res.active).to(dt)
-            state.gram = space.M.to(dt)
+            state.factor = _ordinary(factor, dt)
+            state.gram = _ordinary(space.M, dt)
         else:
-            state.preconditioner = NystromPreconditioner(space.precond.U.to(dt), space.precond.s.to(dt))
-    return Solution(U, converged=res.converged, iterations=res.iterations, grad_norm=res.grad_norm.to(dt),
-                    state=state)
+            state.preconditioner = NystromPreconditioner(_ordinary(space.precond.U, dt), _ordinary(space.precond.s, dt))
+    return Solution(U, converged=_ordinary(res.converged), iterations=_ordinary(res.iterations),
+                    grad_norm=_ordinary(res.grad_norm, dt), state=state)
+
+
+def _ordinary(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``x`` (in ``dtype``) as an ordinary tensor: inference-mode tensors are copied out."""
+    x = x if dtype is None else x.to(dtype)
+    return x.clone() if x.is_inference() else x
 
 
 # ------------------------------------------------------------------------------ objective

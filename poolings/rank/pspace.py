@@ -80,7 +80,7 @@ class PSpace(FactoredSpace):
         e = excess(r, sign, self.eps)
         cols = (self.C * e).unsqueeze(1)
         if S is not None:  # and C V_Aᵀ(y − s ε) of the candidate sets, in the same pass
-            cols = torch.cat((cols, (self.y.unsqueeze(1) - S * self.eps) * (S != 0) * self.C), dim=1)
+            cols = torch.cat((cols, (S != 0) * (self.C * (self.y.unsqueeze(1) - S * self.eps))), dim=1)
         W = torch.bmm(cols.to(self.V.dtype), self.V).to(WD)  # (B, 1 + k, p): one pass
         self._rhs_cache = W[:, 1:]
         g = x - W[:, 0]
@@ -97,7 +97,10 @@ class PSpace(FactoredSpace):
 
     def _adopt(self, rows: Tensor, new: Tensor) -> None:
         Vd, w, act = self._deltas
-        if rows.numel() * self.n * self.n * 8 <= _BATCHED_UPDATE_BYTES:
+        B = self.M.shape[0]
+        if rows.numel() == B and bool((rows == torch.arange(B, device=rows.device)).all()):
+            add_changes_(self.M, Vd[new], w[new])  # every sample, in order: in place
+        elif rows.numel() * self.n * self.n * 8 <= _BATCHED_UPDATE_BYTES:
             self.M.index_copy_(0, rows, add_changes_(self.M.index_select(0, rows), Vd[new], w[new]))
         else:  # sample by sample, in place: no (m, p, p) temporary
             for b, i in zip(rows.tolist(), new.tolist()):

@@ -60,7 +60,7 @@ class TSpace(FactoredSpace):
         return M
 
     def _rhs(self, S, A):
-        return (self.y.unsqueeze(1) - S * self.eps) * A * self.C  # C D (y − s ε), in float64
+        return A * (self.C * (self.y.unsqueeze(1) - S * self.eps))  # C D (y − s ε); A is bool: scaled after
 
     def _residuals(self, X):
         R = self.y.unsqueeze(1) - torch.bmm(X, self.K)  # K symmetric: (Kβ)ᵀ = βᵀK

@@ -1,0 +1,262 @@
+r"""Small direct problems on the CPU: the active-set iteration on NumPy arrays.
+
+On small problems the iteration of :func:`~poolings.rank.active_set.active_set_solve` is
+bound by launches, not flops: at ``B = 2, T = 50`` it is about 800 tensor operations on
+``(2, 50)`` tensors, each 6–9 µs to launch on one CPU thread, where the same NumPy operation
+takes about 2 µs (measured on the development machine). :func:`small_solve` runs the same
+iteration on NumPy views of a T-space or p-space method's data (:class:`SmallTSpace`,
+:class:`SmallPSpace`):
+
+- the same two candidate signed sets (Newton, primal–dual), the second only where it differs
+  from the first, for the live samples only; the same reuse of factors (the sample's cached
+  factor where a candidate's support is its last set, one factor for two candidates of one
+  support), and the same :func:`~poolings.rank.factored.cholesky_` and solves;
+- the same passes: in p-space the gradient and both right-hand sides in one product with
+  ``V``, and both candidates' residuals in another, in the dtype of ``V``;
+- the same moves: a reproduced candidate, else the one with the lower ``f`` if it decreases
+  ``f``, else the Newton direction with :func:`~poolings.rank.common.exact_line_search`
+  (the same function, on the same float64 data);
+- the same stopping rule: a sample is done when its point is the minimiser of its own piece
+  with that signed set reproduced (``A`` and every sign) and a relative gradient
+  ``≤ check_tol``, or when its relative gradient is ``≤ tol``; one with no descent left is
+  done only at ``≤ check_tol``, and one still running after ``max_iter`` iterations is not;
+- what the method keeps for the backward pass: the factor of each sample's last set in the
+  method's factor cache (and, in p-space, ``M`` of that set), as
+  :meth:`~poolings.rank.factored.FactoredSpace.commit` leaves them.
+
+Padded steps need no mask: their frames and targets are zero, so their residuals stay
+exactly zero and they are never active. Problems qualify by :func:`is_small_numpy`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .active_set import ActiveSetResult
+from .common import exact_line_search
+from .factored import SMALL_FLOPS, FactoredSpace, cholesky_, cholesky_solve
+from .pspace import PSpace
+from .tspace import TSpace
+
+
+def is_small_numpy(B: int, n: int, device: torch.device | str) -> bool:
+    """Whether ``B`` systems of size ``n`` run by :func:`small_solve`: on the CPU, with
+    ``B n³ ≤`` :data:`~poolings.rank.factored.SMALL_FLOPS`."""
+    return torch.device(device).type == "cpu" and B * n**3 <= SMALL_FLOPS
+
+
+def _signs(r: np.ndarray, eps: float) -> np.ndarray:
+    """The signed set at residuals ``r``: ``sign(r)`` where ``|r| > ε``, 0 elsewhere."""
+    return np.sign(r) * (np.abs(r) > eps)
+
+
+def _loss(r: np.ndarray, eps: float) -> np.ndarray:
+    return np.square(np.maximum(np.abs(r) - eps, 0)).sum(-1)
+
+
+class SmallTSpace:
+    """NumPy views of a :class:`~poolings.rank.tspace.TSpace` (variable ``β``, ``n = T``)."""
+
+    def __init__(self, space: TSpace):
+        self.K = space.K.numpy()  # (B, T, T)
+        self.y, self.C, self.eps = space.y.numpy(), space.C, space.eps
+
+    def gradient(self, x, e, S):
+        """``‖∇_u f‖`` at the points ``x`` (``e``: their excesses), ``(B,)``, and the right-hand
+        sides of the candidate sets ``S (B, 2, T)``, ``(B, 2, n)``."""
+        gamma = x - self.C * e  # ∇_u f = Vᵀγ, ‖∇_u f‖² = γᵀKγ
+        g = np.sqrt(np.maximum((gamma * np.matmul(gamma[:, None], self.K)[:, 0]).sum(-1), 0))
+        return g, (S != 0) * (self.C * (self.y[:, None] - self.eps * S))  # C D (y − s ε)
+
+    def matrices(self, rows, A):
+        """``I + C D K D`` of the sets ``A (c, T)`` of samples ``rows (c,)``, ``(c, T, T)``."""
+        H = self.K[rows] * (self.C * A)[:, :, None] * A[:, None, :]
+        H += np.eye(H.shape[-1])
+        return H
+
+    def residuals(self, X):
+        """``(R, ‖u‖²)`` of the points ``X (B, 2, n)``: ``(B, 2, T)``, ``(B, 2)``."""
+        R = self.y[:, None] - np.matmul(X, self.K)  # r = y − Kβ
+        return R, (X * (self.y[:, None] - R)).sum(-1)  # ‖u‖² = βᵀKβ
+
+    def line_terms(self, x, d, r, dr):
+        return -(x * dr).sum(-1), -(d * dr).sum(-1)  # K d = −Δr
+
+    def adopt(self, rows, new, sets):
+        """Samples ``rows`` move to the sets ``sets`` of the last :meth:`matrices`' entries ``new``
+        (``−1``: the set kept already); nothing to keep in T-space."""
+
+
+class SmallPSpace:
+    """NumPy views of a :class:`~poolings.rank.pspace.PSpace` (variable ``u``, ``n = p``).
+
+    Passes over ``V`` run in the dtype of ``V``, as in :class:`~poolings.rank.pspace.PSpace`;
+    ``H_A = I + M_A`` is built from the sample's kept ``M`` and the steps that changed."""
+
+    def __init__(self, space: PSpace):
+        self.Vt = space.V.detach()  # (B, T, p)
+        self.V = self.Vt.numpy()
+        self.M, self.M_set = space.M.numpy(), space.M_set.numpy()  # (B, p, p) float64, (B, T) bool: views
+        self.M_set &= space.mask.numpy()  # padded steps are zero: leaving M's set changes nothing
+        self.y, self.C, self.eps = space.y.numpy(), space.C, space.eps
+        self._H = None
+
+    def _pass(self, c, transpose):
+        """``Vᵀc`` (``c (B, k, T)`` → ``(B, k, p)``) or, ``transpose``, ``V c`` (``(B, k, p)`` →
+        ``(B, k, T)``), float64: one pass, a batched product in the dtype of ``V``."""
+        c = torch.from_numpy(c).to(self.Vt.dtype)
+        return torch.bmm(c, self.Vt.transpose(1, 2) if transpose else self.Vt).to(torch.float64).numpy()
+
+    def gradient(self, x, e, S):
+        # u − C Vᵀe and C V_Aᵀ(y − s ε) of the candidate sets, in one pass
+        W = self._pass(np.concatenate(((self.C * e)[:, None], (S != 0) * (self.C * (self.y[:, None] - self.eps * S))),
+                                      axis=1), False)  # (B, 3, p)
+        return np.linalg.norm(x - W[:, 0], axis=-1), W[:, 1:]
+
+    def matrices(self, rows, A):
+        """``I + M_A`` from each sample's ``M`` and the steps whose membership changed, ``(c, p, p)``."""
+        old = self.M_set[rows]
+        H = self.M[rows]
+        ch = (A != 0) != old
+        k = int(ch.sum(-1).max())
+        if k:
+            idx = np.argsort(~ch, axis=-1, kind="stable")[:, :k]  # the changed steps first
+            Vd = self.V[rows[:, None], idx].astype(np.float64)  # (c, k, p)
+            w = self.C * np.take_along_axis(A - old, idx, 1)  # +C entering, −C leaving, 0 padding
+            H += np.matmul((Vd * w[:, :, None]).transpose(0, 2, 1), Vd)
+        self._H = H.copy()  # M of each candidate set, before it is factorised in place
+        H += np.eye(H.shape[-1])
+        return H
+
+    def residuals(self, X):
+        return self.y[:, None] - self._pass(X, True), np.square(X).sum(-1)  # r = y − V u
+
+    def line_terms(self, x, d, r, dr):
+        return (x * d).sum(-1), np.square(d).sum(-1)
+
+    def adopt(self, rows, new, sets):
+        fresh = new >= 0
+        self.M[rows[fresh]], self.M_set[rows[fresh]] = self._H[new[fresh]], sets[fresh]
+
+
+def _keep(cache: np.ndarray, cache_set: np.ndarray, H: np.ndarray, rows: np.ndarray, new: np.ndarray,
+          sets: np.ndarray) -> None:
+    """Samples ``rows`` keep the factors ``H[new]`` of their sets ``sets`` (``new = −1``: the kept one)."""
+    fresh = new >= 0
+    cache[rows[fresh]], cache_set[rows[fresh]] = H[new[fresh]], sets[fresh]
+
+
+def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check_tol: float,
+                max_iter: int) -> ActiveSetResult | None:
+    """The active-set iteration on ``space`` (a :class:`~poolings.rank.tspace.TSpace` or
+    :class:`~poolings.rank.pspace.PSpace` on the CPU) in NumPy; ``None`` where a candidate matrix
+    could not be factorised (the caller then runs the general iteration, which reports it)."""
+    sp = SmallTSpace(space) if isinstance(space, TSpace) else SmallPSpace(space)
+    y, norms = space.y.numpy(), space.norms.numpy()  # (B, T) float64 each
+    B, T = y.shape
+    n = space.n
+    x, r, beta = np.zeros((B, n)), y.copy(), np.zeros((B, T))  # x (β or u), r = y − V u, dual weights
+    u2 = np.zeros(B)
+    f = 0.5 * C * _loss(r, eps)
+    stable, done, factored = np.zeros(B, dtype=bool), np.zeros(B, dtype=bool), np.zeros(B, dtype=bool)
+    live = np.ones(B, dtype=bool)
+    iters = np.zeros(B, dtype=np.int64)
+    tiny = np.finfo(np.float64).tiny
+    cache, cache_set = space._cache().numpy(), space.factor_set.numpy()  # views: factors of each last set
+    for it in range(max_iter + 1):
+        sgn1 = _signs(r, eps)  # Newton set of the current point
+        e = (r - eps * sgn1) * (sgn1 != 0)
+        S2 = np.stack((sgn1, np.where(beta != 0, np.sign(beta), sgn1)), axis=1)  # Newton, primal-dual sets
+        g, rhs2 = sp.gradient(x, e, S2)  # (B,), (B, 2, n)
+        rel = g / np.maximum(np.sqrt(np.maximum(u2, 0)) + C * (np.abs(e) * norms).sum(-1), tiny)
+        finished = live & ((rel <= tol) | (stable & (rel <= check_tol)))
+        gnorm = g
+        done |= finished
+        live &= ~finished
+        if it == max_iter or not live.any():
+            break
+
+        # the candidates of the live samples L: every Newton set, then the primal-dual sets that differ
+        L = np.flatnonzero(live)
+        m = L.size
+        s1, s2 = S2[L, 0], S2[L, 1]
+        D = np.flatnonzero((s1 != s2).any(-1))
+        second = np.arange(m)  # the candidate index of each sample's second set (its first where equal)
+        second[D] = m + np.arange(D.size)
+        owner = np.concatenate((L, L[D]))  # sample of each candidate, and which of its two sets
+        kind = np.concatenate((np.zeros(m, dtype=np.int64), np.ones(D.size, dtype=np.int64)))
+        S = np.concatenate((s1, s2[D]))  # (c, T)
+        A = S != 0
+        # a factor for each candidate: the cache where its support is the cached set (signs flipped
+        # only), the first candidate's where both of a sample share a support, else a new one
+        src = np.where(factored[owner] & (A == cache_set[owner]).all(-1), -1, np.arange(owner.size))
+        shared = np.flatnonzero((A[m:] == A[D]).all(-1))
+        src[m + shared] = src[D[shared]]
+        N = np.flatnonzero(src == np.arange(owner.size))  # candidates with a new factor
+        new = np.full(owner.size, -1)
+        new[N] = np.arange(N.size)
+        H = np.empty((0, n, n))
+        if N.size:
+            H = sp.matrices(owner[N], A[N].astype(np.float64))
+            if bool(cholesky_(torch.from_numpy(H)).any()):  # in place: H now holds the factors
+                return None
+        hidx = np.where(src < 0, -1, new[np.maximum(src, 0)])  # (c,) index into H, −1: the cache
+        rhs = rhs2[owner, kind][:, :, None]
+        X = np.empty((owner.size, n))
+        for rows, F_ in ((hidx >= 0, H), (hidx < 0, cache)):
+            if rows.any():
+                at = hidx[rows] if F_ is H else owner[rows]
+                F_ = F_ if F_ is H and np.array_equal(at, np.arange(len(H))) else F_[at]
+                X[rows] = cholesky_solve(torch.from_numpy(rhs[rows]), torch.from_numpy(F_)).numpy()[:, :, 0]
+        Xd = np.zeros((B, 2, n))
+        Xd[owner, kind] = X
+        R, U2 = sp.residuals(Xd)
+        R, U2 = R[owner, kind], U2[owner, kind]
+        iters[L] += 1
+        reproduced = (_signs(R, eps) == S).all(-1)
+        F = 0.5 * U2 + 0.5 * C * _loss(R, eps)
+        first = np.arange(m)
+        Fm = np.where(reproduced, -np.inf, F)
+        pick = np.where(Fm[second] < Fm[first], second, first)  # a reproduced one, else lower f; ties: Newton
+        Fk, hit = F[pick], reproduced[pick]
+        jump = hit | (Fk < f[L])
+        J, cj = L[jump], pick[jump]  # samples that move to a candidate
+        Sk, Rk = S[cj], R[cj]
+        beta[J] = (Sk != 0) * (C * (Rk - Sk * eps))
+        x[J], r[J], u2[J], f[J] = X[cj], Rk, U2[cj], Fk[jump]
+        _keep(cache, cache_set, H, J, hidx[cj], Sk != 0)
+        sp.adopt(J, hidx[cj], Sk != 0)
+        moved = np.zeros(B, dtype=bool)
+        moved[J] = True
+        if not jump.all():
+            # the Newton direction with an exact line search (r is affine in x)
+            Q, q = L[~jump], first[~jump]
+            xq, rq = x[Q], r[Q]
+            d, dr = X[q] - xq, R[q] - rq
+            ud, dd = sp.line_terms(xq, d, rq, dr)
+            a = exact_line_search(*(torch.from_numpy(z) for z in (rq, dr, ud, dd)),
+                                  space.mask[torch.from_numpy(Q)], C, eps).numpy()
+            r_a = rq + a[:, None] * dr
+            u2_a = u2[Q] + 2 * a * ud + a * a * dd
+            f_a = 0.5 * u2_a + 0.5 * C * _loss(r_a, eps)
+            step = (a > 0) & (f_a <= f[Q])
+            P, ps, a = Q[step], q[step], a[step, None]
+            beta_n = (s1[ps] != 0) * (C * (R[ps] - s1[ps] * eps))
+            x[P], r[P] = xq[step] + a * d[step], r_a[step]
+            beta[P] += a * (beta_n - beta[P])
+            u2[P], f[P] = u2_a[step], f_a[step]
+            _keep(cache, cache_set, H, P, hidx[ps], s1[ps] != 0)  # the Newton set's factor, as commit keeps
+            sp.adopt(P, hidx[ps], s1[ps] != 0)
+            moved[P] = True
+        factored |= moved
+        stable = np.zeros(B, dtype=bool)
+        stable[J[hit[jump]]] = True
+        stuck = live & ~moved  # no descent left at working precision
+        done |= stuck & (rel <= check_tol)
+        live &= moved
+
+    space.has_factor |= torch.from_numpy(factored)
+    sgn = torch.from_numpy(_signs(r, eps))
+    return ActiveSetResult(torch.from_numpy(x), torch.from_numpy(r), sgn != 0, sgn, torch.from_numpy(done),
+                           torch.from_numpy(iters), torch.from_numpy(gnorm))
