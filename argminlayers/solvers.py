@@ -241,10 +241,12 @@ def damped_cholesky(H: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     makes the factorisation succeed (only for ``active`` samples)."""
     L, info = torch.linalg.cholesky_ex(H)
     pivots = L.diagonal(dim1=-2, dim2=-1)
-    p2 = pivots * pivots
-    # a pivot² below 10·eps of the largest is a singular matrix that Cholesky "factorised"
-    tiny = p2.amin(-1) <= 10 * torch.finfo(H.dtype).eps * p2.amax(-1)
-    pd = (info == 0) & ~tiny & torch.isfinite(pivots).all(-1)
+    lo, hi = torch.aminmax(pivots * pivots, dim=-1)
+    # a pivot² below 10·eps of the largest is a singular matrix that Cholesky "factorised";
+    # a NaN or infinite pivot fails the comparison too
+    pd = (info == 0) & (lo > 10 * torch.finfo(H.dtype).eps * hi)
+    if bool(pd.all()):
+        return L, pd
     failing = ~pd & active
     if bool(failing.any()):
         eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
@@ -274,8 +276,11 @@ class Newton(Solver):
             L, pd = damped_cholesky(H, active)
             # the factor of H itself where it is positive definite (the backward reuses it), the
             # identity elsewhere: those samples are not minima and get no gradient
-            eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-            lin.factored = DenseHessian(H, torch.where(pd[:, None, None], L, eye))
+            factor = L
+            if not bool(pd.all()):
+                eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+                factor = torch.where(pd[:, None, None], L, eye)
+            lin.factored = DenseHessian(H, factor)
             d = -torch.cholesky_solve(lin.grad.unsqueeze(-1), L).squeeze(-1)
             return d, pd
 
