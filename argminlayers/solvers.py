@@ -353,24 +353,26 @@ class LBFGS(Solver):
             for j in order:
                 a = (rho[j] * dot(S[j], r)).unsqueeze(-1)
                 alphas.append(a)
-                r = r - a * Y[j]
+                r = torch.addcmul(r, a, Y[j], value=-1)
             r = gamma.unsqueeze(-1) * r
             for j, a in zip(reversed(order), reversed(alphas)):
-                r = r + (a - (rho[j] * dot(Y[j], r)).unsqueeze(-1)) * S[j]
+                r = torch.addcmul(r, a - (rho[j] * dot(Y[j], r)).unsqueeze(-1), S[j])
             # first step: a unit-length steepest-descent step, scaled by the gradient
             r = torch.where(first.unsqueeze(-1), g / gnorm.clamp_min(1.0).unsqueeze(-1), r)
             return -r, None
 
         def after_step(s, y, stepped):
-            sy = (s * y).sum(-1)
-            yy = (y * y).sum(-1)
+            dot = torch.linalg.vecdot
+            sy, yy = dot(s, y), dot(y, y)
             good = stepped & (sy > torch.finfo(s.dtype).eps * _norm(s) * _norm(y))
             j = slot[0]
-            S[j] = torch.where(good.unsqueeze(-1), s, torch.zeros_like(s))
-            Y[j] = torch.where(good.unsqueeze(-1), y, torch.zeros_like(y))
-            rho[j] = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
-            gamma.copy_(torch.where(good, sy / torch.where(good, yy, torch.ones_like(yy)), gamma))
-            first.copy_(first & ~good)
+            keep, zero, one = good.unsqueeze(-1), s.new_zeros(()), s.new_ones(())
+            S[j] = torch.where(keep, s, zero)  # the pair where it is stored, zeros elsewhere
+            Y[j] = torch.where(keep, y, zero)
+            safe = torch.where(good, sy, one)
+            rho[j] = torch.where(good, safe.reciprocal(), zero)
+            gamma.copy_(torch.where(good, safe / torch.where(good, yy, one), gamma))
+            first.logical_and_(~good)
             slot[0] = (j + 1) % m
             filled[0] = min(filled[0] + 1, m)
 
