@@ -339,7 +339,8 @@ class LBFGS(Solver):
         m = self.history
         S = U0.new_zeros(m, B, q)  # slot-major: S[j] is contiguous
         Y = U0.new_zeros(m, B, q)
-        rho = U0.new_zeros(m, B)
+        rS = U0.new_zeros(m, B, q)  # ρ s and ρ y, ρ = 1/sᵀy: the scaled pairs of the two loops
+        rY = U0.new_zeros(m, B, q)
         gamma = U0.new_ones(B)
         first = torch.ones(B, dtype=torch.bool, device=U0.device)
         slot, filled = [0], [0]
@@ -351,12 +352,12 @@ class LBFGS(Solver):
             alphas = []
             dot = torch.linalg.vecdot
             for j in order:
-                a = (rho[j] * dot(S[j], r)).unsqueeze(-1)
+                a = dot(rS[j], r).unsqueeze(-1)
                 alphas.append(a)
                 r = torch.addcmul(r, a, Y[j], value=-1)
             r = gamma.unsqueeze(-1) * r
             for j, a in zip(reversed(order), reversed(alphas)):
-                r = torch.addcmul(r, a - (rho[j] * dot(Y[j], r)).unsqueeze(-1), S[j])
+                r = torch.addcmul(r, a - dot(rY[j], r).unsqueeze(-1), S[j])
             # first step: a unit-length steepest-descent step, scaled by the gradient
             r = torch.where(first.unsqueeze(-1), g / gnorm.clamp_min(1.0).unsqueeze(-1), r)
             return -r, None
@@ -370,7 +371,9 @@ class LBFGS(Solver):
             S[j] = torch.where(keep, s, zero)  # the pair where it is stored, zeros elsewhere
             Y[j] = torch.where(keep, y, zero)
             safe = torch.where(good, sy, one)
-            rho[j] = torch.where(good, safe.reciprocal(), zero)
+            rho = torch.where(good, safe.reciprocal(), zero).unsqueeze(-1)
+            torch.mul(S[j], rho, out=rS[j])
+            torch.mul(Y[j], rho, out=rY[j])
             gamma.copy_(torch.where(good, safe / torch.where(good, yy, one), gamma))
             first.logical_and_(~good)
             slot[0] = (j + 1) % m
