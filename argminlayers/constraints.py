@@ -46,11 +46,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
 from .errors import DegeneracyWarning
 from .hessian import AutogradHessian, HessianOperator
-from .objective import CONVERGED, NOT_STATIONARY, Objective, Solution, SolverState, _Signature
+from .objective import CONVERGED, NOT_STATIONARY, Objective, Solution, SolverState, _Signature, vmap_call
 
 _METHODS = {"eq": "equality_constraints", "ineq": "inequality_constraints"}
 _WHAT = {"eq": "equality constraint h(v, u) = 0", "ineq": "inequality constraint g(v, u) ≤ 0"}
@@ -159,7 +158,7 @@ class _Part:
             def one(v, u, m, *xs):
                 return self.one(v, u, m, dict(zip(names, xs)))
 
-            out = vmap(one)(V, U, mask, *inputs.values())
+            out = vmap_call(one, V, U, mask, *inputs.values())
             per_sample = tuple(out.shape[1:])
             if len(per_sample) == 0:
                 out = out.unsqueeze(-1)

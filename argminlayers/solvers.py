@@ -241,10 +241,12 @@ def damped_cholesky(H: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     makes the factorisation succeed (only for ``active`` samples)."""
     L, info = torch.linalg.cholesky_ex(H)
     pivots = L.diagonal(dim1=-2, dim2=-1)
-    p2 = pivots * pivots
-    # a pivot² below 10·eps of the largest is a singular matrix that Cholesky "factorised"
-    tiny = p2.amin(-1) <= 10 * torch.finfo(H.dtype).eps * p2.amax(-1)
-    pd = (info == 0) & ~tiny & torch.isfinite(pivots).all(-1)
+    lo, hi = torch.aminmax(pivots * pivots, dim=-1)
+    # a pivot² below 10·eps of the largest is a singular matrix that Cholesky "factorised";
+    # a NaN or infinite pivot fails the comparison too
+    pd = (info == 0) & (lo > 10 * torch.finfo(H.dtype).eps * hi)
+    if bool(pd.all()):
+        return L, pd
     failing = ~pd & active
     if bool(failing.any()):
         eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
@@ -274,8 +276,11 @@ class Newton(Solver):
             L, pd = damped_cholesky(H, active)
             # the factor of H itself where it is positive definite (the backward reuses it), the
             # identity elsewhere: those samples are not minima and get no gradient
-            eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-            lin.factored = DenseHessian(H, torch.where(pd[:, None, None], L, eye))
+            factor = L
+            if not bool(pd.all()):
+                eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+                factor = torch.where(pd[:, None, None], L, eye)
+            lin.factored = DenseHessian(H, factor)
             d = -torch.cholesky_solve(lin.grad.unsqueeze(-1), L).squeeze(-1)
             return d, pd
 
@@ -334,7 +339,8 @@ class LBFGS(Solver):
         m = self.history
         S = U0.new_zeros(m, B, q)  # slot-major: S[j] is contiguous
         Y = U0.new_zeros(m, B, q)
-        rho = U0.new_zeros(m, B)
+        rS = U0.new_zeros(m, B, q)  # ρ s and ρ y, ρ = 1/sᵀy: the scaled pairs of the two loops
+        rY = U0.new_zeros(m, B, q)
         gamma = U0.new_ones(B)
         first = torch.ones(B, dtype=torch.bool, device=U0.device)
         slot, filled = [0], [0]
@@ -346,26 +352,30 @@ class LBFGS(Solver):
             alphas = []
             dot = torch.linalg.vecdot
             for j in order:
-                a = (rho[j] * dot(S[j], r)).unsqueeze(-1)
+                a = dot(rS[j], r).unsqueeze(-1)
                 alphas.append(a)
-                r = r - a * Y[j]
+                r = torch.addcmul(r, a, Y[j], value=-1)
             r = gamma.unsqueeze(-1) * r
             for j, a in zip(reversed(order), reversed(alphas)):
-                r = r + (a - (rho[j] * dot(Y[j], r)).unsqueeze(-1)) * S[j]
+                r = torch.addcmul(r, a - dot(rY[j], r).unsqueeze(-1), S[j])
             # first step: a unit-length steepest-descent step, scaled by the gradient
             r = torch.where(first.unsqueeze(-1), g / gnorm.clamp_min(1.0).unsqueeze(-1), r)
             return -r, None
 
         def after_step(s, y, stepped):
-            sy = (s * y).sum(-1)
-            yy = (y * y).sum(-1)
+            dot = torch.linalg.vecdot
+            sy, yy = dot(s, y), dot(y, y)
             good = stepped & (sy > torch.finfo(s.dtype).eps * _norm(s) * _norm(y))
             j = slot[0]
-            S[j] = torch.where(good.unsqueeze(-1), s, torch.zeros_like(s))
-            Y[j] = torch.where(good.unsqueeze(-1), y, torch.zeros_like(y))
-            rho[j] = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
-            gamma.copy_(torch.where(good, sy / torch.where(good, yy, torch.ones_like(yy)), gamma))
-            first.copy_(first & ~good)
+            keep, zero, one = good.unsqueeze(-1), s.new_zeros(()), s.new_ones(())
+            S[j] = torch.where(keep, s, zero)  # the pair where it is stored, zeros elsewhere
+            Y[j] = torch.where(keep, y, zero)
+            safe = torch.where(good, sy, one)
+            rho = torch.where(good, safe.reciprocal(), zero).unsqueeze(-1)
+            torch.mul(S[j], rho, out=rS[j])
+            torch.mul(Y[j], rho, out=rY[j])
+            gamma.copy_(torch.where(good, safe / torch.where(good, yy, one), gamma))
+            first.logical_and_(~good)
             slot[0] = (j + 1) % m
             filled[0] = min(filled[0] + 1, m)
 

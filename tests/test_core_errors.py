@@ -289,3 +289,20 @@ def test_cg_options(kwargs, pattern):
 def test_solver_options_with_own_solve():
     with pytest.raises(TypeError, match=r"options \['tol'\] configure a generic solver"):
         ArgminLayer(SquaredDistance(), tol=1e-3)
+
+
+def test_vmap_call_matches_vmap_and_keeps_its_errors():
+    from torch.func import vmap
+
+    from argminlayers.objective import vmap_call
+
+    def f(v, u, m, w):
+        return (w * torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * m).sum()
+
+    V, U, W = torch.randn(3, 4, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64), torch.rand(3, 4)
+    M = torch.tensor([[True] * 4, [True, True, False, False], [True] + [False] * 3])
+    assert torch.equal(vmap_call(f, V, U, M, W.double()), vmap(f)(V, U, M, W.double()))
+    with pytest.raises(ValueError, match="must only return Tensors"):
+        vmap_call(lambda v, u: 1.0, V, U)
+    with pytest.raises(ValueError, match="vmap"):  # batch sizes that differ: vmap's own message
+        vmap_call(lambda v, u: (u - v).sum(), V, U[:2])
