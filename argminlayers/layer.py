@@ -468,8 +468,7 @@ class ArgminLayer(nn.Module):
             lin = problem.linearize(U, None, create_graph=True)
             residual = lin.hessian.shifted(self.damping).matvec(W0) - g
             W = W0 - _Solve.apply(strategy, H0, residual)
-        grads = lin.vjp(W, wrt)
-        return {k: (None if x is None else -x) for k, x in grads.items()}
+        return lin.vjp(-W, wrt)  # −∂/∂x[wᵀ∇f] = ∂/∂x[(−w)ᵀ∇f]: the sign on (B, q), not on each gradient
 
 
 _HINTS = {
