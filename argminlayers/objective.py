@@ -202,8 +202,16 @@ class Objective(nn.Module):
         """Calling the objective evaluates :meth:`f` for one sample."""
         return self.f(v, u, mask, **inputs)
 
-    def _call_f(self, v: Tensor, u: Tensor, mask: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
+    def _raw_f(self, v: Tensor, u: Tensor, mask: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
         return self.f(v, u, mask, **inputs)
+
+    def _call_f(self, v: Tensor, u: Tensor, mask: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
+        out = self._raw_f(v, u, mask, inputs)
+        if not isinstance(out, Tensor) or out.numel() != 1:
+            got = type(out).__name__ if not isinstance(out, Tensor) else f"a tensor of shape {tuple(out.shape)}"
+            raise TypeError(f"objective {self.describe()} must return one value per sample, a one-element tensor "
+                            f"computed from u, got {got}")
+        return out
 
     # ---- batched methods -----------------------------------------------------------------
     def init(self, V: Tensor, mask: Tensor, **inputs: Tensor) -> Tensor:
@@ -326,7 +334,7 @@ class FunctionObjective(Objective):
         self._signature.check_inputs(own)
         self._skip = frozenset(input_names) - frozenset(own)
 
-    def _call_f(self, v: Tensor, u: Tensor, mask: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
+    def _raw_f(self, v: Tensor, u: Tensor, mask: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
         if self._skip:
             inputs = {k: x for k, x in inputs.items() if k not in self._skip}
         return self.fn(v, u, mask, **inputs) if self.uses_mask else self.fn(v, u, **inputs)
@@ -336,11 +344,12 @@ class FunctionObjective(Objective):
 
     def value(self, V: Tensor, U: Tensor, mask: Tensor, **inputs: Tensor) -> Tensor:
         if self.batched:
-            out = self._call_f(V, U, mask, inputs)
-            if out.shape != (V.shape[0],):
+            out = self._raw_f(V, U, mask, inputs)
+            if not isinstance(out, Tensor) or out.shape != (V.shape[0],):
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(
                     f"objective {self.name!r} is declared batched=True and must return shape (B,) = "
-                    f"({V.shape[0]},), got {tuple(out.shape)}"
+                    f"({V.shape[0]},), got {got}"
                 )
             return out
         return super().value(V, U, mask, **inputs)

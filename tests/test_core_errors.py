@@ -306,3 +306,12 @@ def test_vmap_call_matches_vmap_and_keeps_its_errors():
         vmap_call(lambda v, u: 1.0, V, U)
     with pytest.raises(ValueError, match="vmap"):  # batch sizes that differ: vmap's own message
         vmap_call(lambda v, u: (u - v).sum(), V, U[:2])
+
+
+@pytest.mark.parametrize("fn, got", [
+    (lambda v, u, mask: 1.0, "got float"),
+    (lambda v, u, mask: ((u - v) ** 2).sum(-1), r"got a tensor of shape \(4,\)"),
+])
+def test_objective_must_return_one_value_per_sample(fn, got):
+    with pytest.raises(TypeError, match=r"objective <lambda> must return one value per sample.*" + got):
+        ArgminLayer(fn)(torch.randn(3, 4, 2))
