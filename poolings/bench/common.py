@@ -134,7 +134,9 @@ class BenchConfig:
             parts += ["--data", self.data]
         if self.cap_scale != 1:
             parts += ["--cap-scale", f"{self.cap_scale:g}"]
-        parts += ["--out", self.out]
+        from .report import is_published  # report imports nothing of this module
+
+        parts += ["--publish"] if is_published(self.out) else ["--out", self.out]
         return " ".join(shlex.quote(p) for p in parts)
 
     @contextlib.contextmanager
