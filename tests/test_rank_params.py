@@ -179,8 +179,9 @@ def test_exact_methods_reach_float64_stationarity():
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
-        ({"C": torch.ones(2)}, TypeError, r"C must be a real number or a one-element floating tensor, got a tensor of shape \(2,\)"),
-        ({"eps": torch.tensor(1)}, TypeError, r"eps must be a real number or a one-element floating tensor.*torch.int64"),
+        ({"C": torch.ones(2)}, TypeError, r"C must be a real number or a 0-d floating tensor.*got a tensor of shape \(2,\)"),
+        ({"C": torch.ones(1)}, TypeError, r"C must be a real number or a 0-d floating tensor.*shape \(1,\)"),
+        ({"eps": torch.tensor(1)}, TypeError, r"eps must be a real number or a 0-d floating tensor.*torch.int64"),
         ({"C": torch.tensor(-1.0)}, ValueError, r"C must be > 0, got -1.0"),
         ({"eps": torch.tensor(float("nan"))}, ValueError, r"eps must be finite and >= 0, got nan"),
     ],
@@ -222,3 +223,32 @@ def test_torch_compile_of_a_model_with_learned_C_matches_eager():
     for p, g in zip(model.parameters(), grads):
         assert p.grad is not None and bool(p.grad.abs().sum() > 0)
         torch.testing.assert_close(p.grad, g)
+
+
+def test_a_frozen_parameter_stays_a_parameter_and_learns_once_unfrozen():
+    C = nn.Parameter(torch.tensor(0.8, dtype=F64), requires_grad=False)
+    pool = RankPool(C=C, eps=0.15)
+    assert [n for n, _ in pool.named_parameters()] == ["layer.objective.C"]
+    C.requires_grad_(True)
+    V = _V().detach()
+    pool(V, LENGTHS).sum().backward()
+    ref = nn.Parameter(torch.tensor(0.8, dtype=F64))
+    RankPool(C=ref, eps=0.15)(V, LENGTHS).sum().backward()
+    torch.testing.assert_close(C.grad, ref.grad, rtol=0, atol=0)
+
+
+def test_an_upstream_tensor_assigned_over_a_buffer_is_differentiated():
+    pool = RankPool(C=torch.tensor(1.0, dtype=F64), eps=0.15)  # C is a buffer
+    log_C = nn.Parameter(torch.tensor(0.8, dtype=F64).log())
+    pool.objective.C = log_C.exp()  # nn.Module keeps it among the buffers
+    V = _V().detach()
+    pool(V, LENGTHS).sum().backward()
+    C = nn.Parameter(torch.tensor(0.8, dtype=F64))
+    RankPool(C=C, eps=0.15)(V, LENGTHS).sum().backward()
+    torch.testing.assert_close(log_C.grad, C.grad * 0.8, rtol=1e-12, atol=1e-14)
+
+
+def test_printing_a_learned_C_does_not_touch_its_graph(recwarn):
+    text = repr(RankPool(C=nn.Parameter(torch.tensor(1.5)), eps=0.1))
+    assert "C=1.5, eps=0.1" in text
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]

@@ -30,13 +30,13 @@ def check_rank_params(C: Any, eps: Any) -> tuple[float, float]:
 
 
 def check_rank_param(name: str, value: Any) -> float | Tensor:
-    """``C`` or ``eps`` as a float (:func:`check_rank_params`), or as a one-element floating
-    tensor (an ``nn.Parameter`` to learn it) with a value in the same range."""
+    """``C`` or ``eps`` as a float (:func:`check_rank_params`), or as a 0-d floating tensor (an
+    ``nn.Parameter`` to learn it) with a value in the same range."""
     if not isinstance(value, Tensor):
         return check_rank_params(**{"C": 1.0, "eps": 0.0, name: value})[name == "eps"]
-    if value.numel() != 1 or not value.is_floating_point():
-        raise TypeError(f"{name} must be a real number or a one-element floating tensor, got a tensor of shape "
-                        f"{tuple(value.shape)} and dtype {value.dtype}")
+    if value.dim() != 0 or not value.is_floating_point():
+        raise TypeError(f"{name} must be a real number or a 0-d floating tensor (e.g. torch.tensor(1.0)), got a "
+                        f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
     check_rank_value(name, float(value.detach()))
     return value
 

@@ -11,7 +11,7 @@ from argminlayers import ArgminLayer
 
 from ..base import Pooling
 from ..preprocess import l2_normalize, reverse_sequences, signed_sqrt, time_varying_mean
-from .objective import RankPoolBackward, RankPoolObjective
+from .objective import RankPoolBackward, RankPoolObjective, _number
 
 
 class RankPool(Pooling):
@@ -20,9 +20,9 @@ class RankPool(Pooling):
 
     Args:
         C: regularisation ``> 0`` of ``f(v, u) = ½‖u‖² + C/2 Σ_t [|t − uᵀv_t| − ε]₊²``
-            (liblinear's ``-c`` is ``C/2``). A number or a one-element tensor; an
+            (liblinear's ``-c`` is ``C/2``). A number or a 0-d tensor; an
             ``nn.Parameter`` is learned with the rest of the model (exact gradients).
-        eps: insensitive zone ``ε ≥ 0``; a number or a one-element tensor, as ``C``.
+        eps: insensitive zone ``ε ≥ 0``; a number or a 0-d tensor, as ``C``.
         method: the exact forward: ``"auto"`` (default: chosen per call from ``(B, T, p)``, dtype
             and device by :func:`~poolings.rank.cost.choose_method`), ``"tspace"`` (``T × T``
             Cholesky), ``"pspace"`` (``p × p`` Cholesky) or ``"cg"`` (matrix-free Newton-CG).
@@ -111,7 +111,7 @@ class RankPool(Pooling):
 
     def extra_repr(self) -> str:
         return (
-            f"C={float(self.C):g}, eps={float(self.eps):g}, method={self.method!r}, smoothing={self.smoothing}, "
+            f"C={_number(self.C):g}, eps={_number(self.eps):g}, method={self.method!r}, smoothing={self.smoothing}, "
             f"signed_sqrt={self.signed_sqrt}, normalize={self.normalize}, bidirectional={self.bidirectional}"
         )
 

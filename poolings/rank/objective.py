@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from argminlayers import CG, FunctionHessian, LowRankHessian, Objective, Solution, Strategy, Woodbury
 
@@ -139,6 +139,11 @@ def _ordinary(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return x.clone() if x.is_inference() else x
 
 
+def _number(x: float | Tensor) -> float:
+    """The float value of ``C`` or ``eps`` (a tensor's without touching its graph)."""
+    return float(x.detach()) if isinstance(x, Tensor) else float(x)
+
+
 # ------------------------------------------------------------------------------ objective
 class RankPoolObjective(Objective):
     """The rank-pool objective ``f(v, u) = ½‖u‖² + C/2 Σ_t [|t − uᵀv_t| − ε]₊²`` with fast paths.
@@ -148,7 +153,7 @@ class RankPoolObjective(Objective):
     ops) serves the generic :mod:`torch.func` paths and cross-checks. ``C`` and ``eps`` live
     here and only here: every method reads them from the objective.
 
-    ``C`` and ``eps`` are numbers, or one-element tensors: an ``nn.Parameter`` is registered
+    ``C`` and ``eps`` are numbers, or 0-d tensors: an ``nn.Parameter`` is registered
     (it appears in ``parameters()`` and gets its gradient), a tensor that requires grad is read
     as an attribute and differentiated as one, and any other tensor is a buffer. The solve
     always runs on their float values; their gradients come from the closed forms of
@@ -172,9 +177,9 @@ class RankPoolObjective(Objective):
                  check_tol: float = 1e-6, max_iter: int = 50):
         for name, value in (("C", C), ("eps", eps)):
             value = check_rank_param(name, value)
-            if isinstance(value, Tensor) and not value.requires_grad:
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and not value.requires_grad:
                 self.register_buffer(name, value)
-            else:  # a number; a Parameter (registered); a tensor computed upstream (an attribute)
+            else:  # a number; a Parameter (registered, frozen or not); a tensor computed upstream (an attribute)
                 setattr(self, name, value)
         self.method = check_method(method)
         if not tol > 0:
@@ -185,14 +190,13 @@ class RankPoolObjective(Objective):
         self.tol, self.check_tol, self.max_iter = float(tol), float(check_tol), max_iter
         self.last_method: str | None = None
 
-    def __repr__(self) -> str:
-        return f"RankPoolObjective(C={float(self.C):g}, eps={float(self.eps):g}, method={self.method!r})"
+    def extra_repr(self) -> str:
+        return f"C={_number(self.C):g}, eps={_number(self.eps):g}, method={self.method!r}"
 
     def values(self) -> tuple[float, float]:
         """``(C, eps)`` as floats, what the solves run on; a learned value that left its range
         (``C ≤ 0``, ``eps < 0``, not finite) is refused with a hint."""
-        return tuple(check_rank_value(name, float(x.detach() if isinstance(x, Tensor) else x),
-                                      learned=isinstance(x, Tensor))
+        return tuple(check_rank_value(name, _number(x), learned=isinstance(x, Tensor))
                      for name, x in (("C", self.C), ("eps", self.eps)))
 
     def choose_method(self, V: Tensor) -> str:

@@ -211,7 +211,7 @@ class CvxpyRankPool(_CvxpyPool):
 
     Args:
         C, eps: the objective's hyperparameters (``C > 0``, ``eps ≥ 0``): numbers, or
-            one-element tensors that get gradients.
+            0-d tensors that get gradients.
         solve_method: "SCS" (default, the accurate one here) or "Clarabel".
         solver_args: options merged over the accurate defaults in ``SOLVER_DEFAULTS``
             (solver options plus diffcp's derivative ``mode``).
