@@ -216,6 +216,13 @@ class ArgminLayer(nn.Module):
     def _call(self, V: Tensor, mask: Any, lengths: Any, inputs: dict, validated: bool) -> Tensor:
         if not isinstance(V, Tensor):
             raise TypeError(f"V must be a torch.Tensor of shape (B, ...), got {type(V).__name__}")
+        if (V.dim() == 2 and (mask is not None or lengths is not None) and self.init is None
+                and type(self.objective).init is Objective.init and not (self.solver is None and not self._auto_solver)):
+            raise ValueError(
+                f"V has shape {tuple(V.shape)} = (B, T) with a mask or lengths, so its steps are scalars, but the default "
+                "u has the shape of one step only for V of shape (B, T, *feature_shape): give init= (e.g. "
+                "init=lambda V, mask: V.new_zeros(V.shape[0])), or V of shape (B, T, 1)"
+            )
         names = tuple(inputs)
         self._bind(names)
         params = {n: p for n, p in self.objective.named_parameters() if p.requires_grad}

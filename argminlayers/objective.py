@@ -211,7 +211,7 @@ class Objective(nn.Module):
             got = type(out).__name__ if not isinstance(out, Tensor) else f"a tensor of shape {tuple(out.shape)}"
             raise TypeError(f"objective {self.describe()} must return one value per sample, a one-element tensor "
                             f"computed from u, got {got}")
-        return out
+        return out.reshape(()) if out.dim() else out
 
     # ---- batched methods -----------------------------------------------------------------
     def init(self, V: Tensor, mask: Tensor, **inputs: Tensor) -> Tensor:
@@ -290,7 +290,7 @@ class Objective(nn.Module):
         """Tensors that require grad and that the objective reads without registering them: plain
         tensor attributes of the module (e.g. ``self.C = C`` for a ``C`` computed upstream), and
         what its ``f`` reaches through the globals it names. They get gradients, as parameters do."""
-        found = {k: x for k, x in self.__dict__.items()
+        found = {k: x for k, x in (*self.__dict__.items(), *self._buffers.items())
                  if isinstance(x, Tensor) and x.requires_grad and not isinstance(x, nn.Parameter)}
         found.update({k: x for k, x in _captured_tensors(type(self).f).items() if k not in found})
         return found

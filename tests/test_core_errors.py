@@ -315,3 +315,22 @@ def test_vmap_call_matches_vmap_and_keeps_its_errors():
 def test_objective_must_return_one_value_per_sample(fn, got):
     with pytest.raises(TypeError, match=r"objective <lambda> must return one value per sample.*" + got):
         ArgminLayer(fn)(torch.randn(3, 4, 2))
+
+
+def test_a_one_element_value_of_any_shape_counts_as_one_value():
+    V = torch.randn(4, 6, 3, dtype=torch.float64)
+    U = ArgminLayer(lambda v, u, mask: (((u - v) ** 2).sum(-1) * mask).sum().reshape(1, 1))(V)
+    torch.testing.assert_close(U, V.mean(1))
+
+
+def test_scalar_steps_with_lengths_need_an_init():
+    V, lengths = torch.randn(4, 5, dtype=torch.float64), torch.tensor([1, 2, 5, 3])
+
+    def f(v, u, mask):
+        return (((u - v) ** 2) * mask).sum()
+
+    with pytest.raises(ValueError, match=r"V has shape \(4, 5\) = \(B, T\) with a mask or lengths.*give init="):
+        ArgminLayer(f)(V, lengths=lengths)
+    U = ArgminLayer(f, init=lambda V, mask: V.new_zeros(V.shape[0]))(V, lengths=lengths)
+    mask = torch.arange(5) < lengths.unsqueeze(1)
+    torch.testing.assert_close(U, (V * mask).sum(1) / lengths)
