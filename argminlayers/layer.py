@@ -375,6 +375,15 @@ class ArgminLayer(nn.Module):
                 "Compute on new tensors "
                 "(e.g. v = v * 2 instead of v *= 2)"
             )
+        if type(objective).grad is Objective.grad:  # its gradient comes from autograd through f
+            with torch.enable_grad():
+                depends = objective.value(V1, U1.clone().requires_grad_(True), problem.mask[:1], **inputs1).requires_grad
+            if not depends:
+                raise ValueError(
+                    f"objective {objective.describe()} returns a value with no gradient with respect to u, so u* "
+                    "is not defined by it (computed under no_grad, with .detach(), .item() or integer ops?); "
+                    "compute f from u with differentiable torch operations"
+                )
         for i, out in enumerate(outs):
             if not (isinstance(out, Tensor) and out.requires_grad):
                 continue

@@ -334,3 +334,11 @@ def test_scalar_steps_with_lengths_need_an_init():
     U = ArgminLayer(f, init=lambda V, mask: V.new_zeros(V.shape[0]))(V, lengths=lengths)
     mask = torch.arange(5) < lengths.unsqueeze(1)
     torch.testing.assert_close(U, (V * mask).sum(1) / lengths)
+
+
+def test_an_objective_without_a_gradient_in_u_is_refused():
+    def f(v, u, mask):
+        return (((u - v) ** 2).sum(-1) * mask).sum().detach()
+
+    with pytest.raises(ValueError, match=r"objective f returns a value with no gradient with respect to u"):
+        ArgminLayer(f)(torch.randn(3, 4, 2, dtype=torch.float64))
