@@ -388,6 +388,9 @@ class _Signature:
         self.positional_names = [p.name for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
         self.keywords = {p.name for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
         self.required_kw = {p.name for p in params if p.kind == P.KEYWORD_ONLY and p.default is P.empty}
+        # positional parameters after (v, u, mask) without a default can only come as keyword inputs
+        positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+        self.required_kw |= {p.name for p in positional[3:] if p.default is P.empty}
         self.positional = 3 if self.var_pos else len(self.positional_names)
         if self.positional < 2:
             raise TypeError(

@@ -342,3 +342,11 @@ def test_an_objective_without_a_gradient_in_u_is_refused():
 
     with pytest.raises(ValueError, match=r"objective f returns a value with no gradient with respect to u"):
         ArgminLayer(f)(torch.randn(3, 4, 2, dtype=torch.float64))
+
+
+def test_a_positional_input_after_the_mask_that_was_not_passed_is_named():
+    def f(v, u, mask, w):
+        return (w * ((u - v) ** 2).sum(-1) * mask).sum()
+
+    with pytest.raises(TypeError, match=r"objective 'f' needs keyword input\(s\) \['w'\]; pass them as layer\(V, w=\.\.\.\)"):
+        ArgminLayer(f)(torch.randn(2, 3, 2, dtype=torch.float64))
