@@ -57,8 +57,11 @@ _LAYER_OPTIONS = ("tol", "max_iter", "on_nonconvergence", "damping", "init", "ba
 #: The default solver is dense Newton while ``q ≤ DENSE_MAX_Q`` and the batched Hessian's work,
 #: ``V.numel() · q`` (``B·T·p·q``: ``q`` reverse passes over the data), stays below
 #: ``DENSE_MAX_WORK``; beyond, L-BFGS (gradients only). Measured on a 2-core CPU (docs/benchmarks.md).
-DENSE_MAX_Q = 32
+DENSE_MAX_Q = 64
 DENSE_MAX_WORK = 200_000
+#: A constrained problem's backward (a KKT solve) factorises the dense Lagrangian Hessian while
+#: ``q ≤ KKT_DENSE_MAX_Q``, else solves by projected CG (docs/constraints.md).
+KKT_DENSE_MAX_Q = 32
 
 
 class ArgminLayer(nn.Module):
@@ -73,7 +76,7 @@ class ArgminLayer(nn.Module):
             are the layer's own, and get gradients.
         solver: forward solver: ``"newton"``, ``"lbfgs"``, ``"newton_cg"`` or a
             :class:`~argminlayers.solvers.Solver`. ``None`` (default) uses the objective's own
-            ``solve`` when it has one, else dense Newton for small problems (``q ≤ 32`` and
+            ``solve`` when it has one, else dense Newton for small problems (``q ≤ 64`` and
             ``B·T·p·q ≤ 2·10⁵``) and L-BFGS beyond.
         backward: how ``H⁻¹ g`` is applied: ``"dense"``, ``"diagonal"``, ``"sherman_morrison"``,
             ``"woodbury"``, ``"cg"`` or a :class:`~argminlayers.strategies.Strategy`. ``None``
@@ -331,7 +334,7 @@ class ArgminLayer(nn.Module):
                 problem.constraints.linear or getattr(objective, "lagrangian_hessian", None) is not None)
             if structured:
                 return _auto_strategy("woodbury")
-            return _auto_strategy("dense" if problem.q <= DENSE_MAX_Q else "projected_cg")
+            return _auto_strategy("dense" if problem.q <= KKT_DENSE_MAX_Q else "projected_cg")
         if objective.low_rank_hessian:
             return _auto_strategy("woodbury")
         hessian = getattr(sol.state, "hessian", None)

@@ -107,7 +107,7 @@ def test_generic_skips_beyond_the_memory_cap(tmp_path, monkeypatch):
 
 def test_generic_option_errors_name_the_option():
     with pytest.raises(ValueError, match="--sizes"):
-        generic._parse_sizes("16x10")
+        common.parse_sizes("16x10")
     with pytest.raises(ValueError, match="--objectives"):
         generic._parse_list("huber", gm.OBJECTIVES, "objectives")
 

@@ -310,3 +310,18 @@ def test_limit_and_strategies_on_cuda(tmp_path):
     assert data["environment"]["device"] == "cuda"
     data = strategies.run(cfg)
     assert "max_memory_allocated" in data["settings"]["memory_method"]
+
+
+def test_threads_limit_numpy_and_scipy_blas_too(tmp_path):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import scipy.linalg  # noqa: F401 - loads SciPy's BLAS, which the references call
+
+    def blas():
+        return {p["filepath"]: p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"}
+
+    before = blas()
+    cfg = common.BenchConfig(quick=True, out=str(tmp_path / "bench"), threads=1, progress=False)
+    with cfg.applied():
+        assert set(blas().values()) == {1}
+        assert common.environment(cfg)["blas_threads"] == 1
+    assert blas() == before

@@ -164,6 +164,16 @@ def test_default_strategy_is_woodbury_for_declared_structure():
     assert ArgminLayer(huber, eq=lambda v, u: u.sum() - 1).pick_strategy(problem, sol).name == "dense"
 
 
+def test_default_kkt_strategy_is_projected_cg_above_q_32():
+    from argminlayers import Problem
+
+    layer = ArgminLayer(huber, eq=lambda v, u: u.sum() - 1)
+    for p, name in ((32, "dense"), (33, "projected_cg")):
+        V = torch.zeros(1, 2, p, dtype=torch.float64)
+        problem = Problem(layer.objective, V, torch.ones(1, 2, dtype=torch.bool), {}, (p,), layer.constraints)
+        assert layer.pick_strategy(problem, None).name == name
+
+
 class RadiusPool(Objective):
     """Pseudo-Huber pooling (learnable δ) inside a ball of learnable radius: both nn.Parameters."""
 

@@ -287,3 +287,21 @@ def test_lengths_as_a_list():
     expected = layer(V, torch.tensor([5, 2]))
     torch.testing.assert_close(layer(V, [5, 2]), expected, rtol=0, atol=0)
     torch.testing.assert_close(layer(V, lengths=[5, 2]), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("B, T, p, solver, backward", [
+    (1, 10, 64, "newton", "dense"),  # q = 64, B·T·p·q = 4.1e4: the dense Hessian is cheap
+    (4, 10, 64, "newton", "dense"),  # 1.6e5
+    (16, 10, 64, "lbfgs", "cg"),  # 6.6e5: beyond the work bound
+    (1, 2, 65, "lbfgs", "cg"),  # q above the cap, however small the work
+])
+def test_default_rule_picks_by_q_and_work(B, T, p, solver, backward):
+    from argminlayers import Problem
+
+    layer = ArgminLayer(lambda v, u: ((u - v) ** 2).sum())
+    V = torch.zeros(B, T, p, dtype=DT)
+    problem = Problem(layer.objective, V, torch.ones(B, T, dtype=torch.bool), {}, (p,))
+    assert layer._pick_solver(problem).name == solver
+    sol = layer.solve(V[:, :1])  # a solution object without a dense Hessian in its state
+    sol.state = None
+    assert layer.pick_strategy(problem, sol).name == backward

@@ -55,3 +55,28 @@ def test_rank_length_caps_skip_with_the_prediction(tmp_path, monkeypatch):
 def test_variable_lengths_are_valid(B, T):
     lengths = rank_length._variable_lengths(B, T)
     assert len(lengths) == B and lengths[0] == T and all(1 <= n <= T for n in lengths)
+
+
+def test_rank_length_sizes_runs_those_and_their_goals(tmp_path):
+    cfg = tiny(tmp_path)
+    data = rank_length.run(cfg, sizes=[(2, 12, 6), (1, 9, 3)])
+    assert [(r["B"], r["T"], r["p"]) for r in data["results"]] == [(2, 12, 6), (1, 9, 3)]
+    assert [(g["B"], g["T"], g["p"]) for g in data["goals"]] == [(2, 12, 6)]
+    assert data["memory_goal"] is None and data["command"].endswith("--sizes 2x12x6,1x9x3")
+    assert "Memory goal: not run (--sizes)." in (Path(cfg.out) / "rank_length.md").read_text()
+
+
+def test_rank_length_sizes_cannot_be_published(tmp_path, monkeypatch):
+    monkeypatch.setattr(rank_length, "is_published", lambda out: True)
+    with pytest.raises(ValueError, match="--sizes runs part of the rank_length sweep"):
+        rank_length.run(tiny(tmp_path), sizes=[(2, 12, 6)])
+
+
+def test_bench_refuses_an_option_the_benchmark_does_not_read(tmp_path):
+    from poolings.bench.cli import main
+
+    with pytest.raises(SystemExit, match="--sizes is not an option of 'limit'"):
+        main(["limit", "--quick", "--sizes", "2x3x4", "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="--no-first-call is not an option of 'rank_length'"):
+        main(["rank_length", "--quick", "--no-first-call", "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()  # refused before anything ran

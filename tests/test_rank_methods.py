@@ -247,3 +247,22 @@ def test_cuda_matches_cpu_every_method(method):
     assert U.device.type == "cuda"
     torch.testing.assert_close(U.cpu(), RankPool(method="tspace")(V.detach(), lengths), atol=1e-9, rtol=1e-7)
     torch.testing.assert_close(dV.cpu(), ref, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [5, 64, 300])  # in place on the transposed view; blocked above 2 × 128
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cholesky_in_place_is_lower_factor_and_reports_the_failing_minor(n, dtype):
+    from poolings.rank.factored import cholesky_
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(3, n, n + 4, generator=g, dtype=F64)
+    A = X @ X.mT / n + torch.eye(n, dtype=F64)
+    A[2, 3, 3] = -1.0  # not positive definite: the 4th leading minor fails
+    A = A.to(dtype)
+    H = A.tril() + 7.0 * A.triu(1)  # the lower triangle alone is read: another upper one changes nothing
+    info = cholesky_(H)
+    assert info.tolist() == [0, 0, 4]
+    L = H[:2]
+    assert torch.equal(L, L.tril())
+    tol = 1e-12 if dtype == F64 else 1e-5
+    assert float((L.double() @ L.double().mT - A[:2].double()).abs().max()) <= tol * float(A[:2].abs().max())

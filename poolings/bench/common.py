@@ -141,12 +141,24 @@ class BenchConfig:
 
     @contextlib.contextmanager
     def applied(self):
-        """Set the process-wide options (threads) for the duration of a benchmark, then restore them."""
+        """Set the process-wide options (threads) for the duration of a benchmark, then restore them.
+
+        ``threads`` limits torch and also the BLAS pools of NumPy and SciPy (OpenBLAS, through
+        threadpoolctl), which the layers' small-problem paths and the references call: without
+        it those would run on every core while torch runs on one."""
         before = torch.get_num_threads()
+        blas = contextlib.nullcontext()
         if self.threads is not None:
             torch.set_num_threads(self.threads)
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+                pass
+            else:
+                blas = threadpool_limits(limits=self.threads, user_api="blas")
         try:
-            yield self
+            with blas:
+                yield self
         finally:
             torch.set_num_threads(before)
 
@@ -175,6 +187,22 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cap-scale", type=float, default=1.0,
                         help="multiply the caps (time, memory) beyond which configurations are skipped")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def parse_sizes(text: str | None) -> list[tuple[int, int, int]] | None:
+    """``--sizes``: ``"16x10x64,16x10x512"`` → ``[(16, 10, 64), (16, 10, 512)]`` (``None`` when not given)."""
+    if not text:
+        return None
+    sizes = []
+    for part in text.split(","):
+        try:
+            B, T, p = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--sizes: {part!r} is not BxTxP (e.g. 16x10x64)") from None
+        if min(B, T, p) < 1:
+            raise ValueError(f"--sizes: {part!r} has a dimension < 1")
+        sizes.append((B, T, p))
+    return sizes
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -461,6 +489,7 @@ def environment(cfg: BenchConfig) -> dict[str, Any]:
         "cores_usable": usable,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "blas_threads": _blas_threads(),
         "python": platform.python_version(),
         "device": cfg.device,
         "device_name": torch.cuda.get_device_name() if cfg.device == "cuda" else cpu_model(),
@@ -474,6 +503,16 @@ def environment(cfg: BenchConfig) -> dict[str, Any]:
     except OSError:  # pragma: no cover
         pass
     return env
+
+
+def _blas_threads() -> int | None:
+    """The largest thread count of the BLAS pools loaded (NumPy's, SciPy's), or ``None`` if unknown."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # pragma: no cover
+        return None
+    counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+    return max(counts) if counts else None
 
 
 def finish_environment(env: dict[str, Any], started: float) -> dict[str, Any]:
@@ -493,7 +532,8 @@ def environment_markdown(env: dict[str, Any]) -> str:
         load = (f"; 1/5/15-min load average {env['load_average_start']} at the start"
                 f"{', ' + str(env['load_average_end']) + ' at the end' if 'load_average_end' in env else ''}")
     return (
-        f"Environment: {dev}, {env['cores']} cores ({env['cores_usable']} usable), torch threads: {env['threads']}, "
+        f"Environment: {dev}, {env['cores']} cores ({env['cores_usable']} usable), torch threads: {env['threads']}"
+        f"{', NumPy/SciPy BLAS threads: ' + str(env['blas_threads']) if env.get('blas_threads') else ''}, "
         f"torch {env['torch']}, Python {env['python']}, dtype {env['dtype']}, data `{env['data']}` "
         f"(seed {env['seed']}), {env['date']}; wall time {env.get('wall_seconds', '?')} s{load}."
     )

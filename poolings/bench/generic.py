@@ -71,6 +71,7 @@ from .common import (
     make_sequences,
     markdown_table,
     output_dir,
+    parse_sizes,
     peak_memory,
     plt_module,
     progress,
@@ -126,11 +127,15 @@ GOALS = {"torchopt": 1.0, "jaxopt": 3.0, "hand": 3.0, "named": 1.5, "first_call"
 
 
 # -------------------------------------------------------------------------- options
+OPTIONS = ("sizes", "only", "objectives", "first_call")  # what run_from_args reads (the CLI refuses the others)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of this benchmark alone (``--dtype`` is the common one: both when not given)."""
     parser.add_argument("--sizes", default=None,
-                        help="generic: comma-separated BxTxP sizes to run (default: the sweep and the "
-                             "hand-written layer's sizes), e.g. 16x10x64,16x10x512")
+                        help="generic, rank_length: comma-separated BxTxP sizes to run instead of the whole "
+                             "sweep (generic's default: the sweep and the hand-written layer's sizes), e.g. "
+                             "16x10x64,16x10x512")
     parser.add_argument("--only", default=None,
                         help="generic: comma-separated methods or families to run, e.g. 'ours' (every "
                              "setting), 'ours:defaults,hand', 'jaxopt'; the exact reference always runs")
@@ -138,21 +143,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"generic: comma-separated objectives, of {','.join(gm.OBJECTIVES)}")
     parser.add_argument("--no-first-call", dest="first_call", action="store_false",
                         help="generic: skip the first-call latencies (fresh processes)")
-
-
-def _parse_sizes(text: str | None) -> list[tuple[int, int, int]] | None:
-    if not text:
-        return None
-    sizes = []
-    for part in text.split(","):
-        try:
-            B, T, p = (int(x) for x in part.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"--sizes: {part!r} is not BxTxP (e.g. 16x10x64)") from None
-        if min(B, T, p) < 1:
-            raise ValueError(f"--sizes: {part!r} has a dimension < 1")
-        sizes.append((B, T, p))
-    return sizes
 
 
 def _parse_list(text: str | None, allowed: tuple[str, ...] | None, what: str) -> list[str] | None:
@@ -177,7 +167,7 @@ def run_from_args(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     return run(
         cfg,
         dtypes=[args.dtype] if getattr(args, "dtype", None) else None,
-        sizes=_parse_sizes(getattr(args, "sizes", None)),
+        sizes=parse_sizes(getattr(args, "sizes", None)),
         only=_parse_list(getattr(args, "only", None), None, "only"),
         objectives=_parse_list(getattr(args, "objectives", None), gm.OBJECTIVES, "objectives"),
         first_call=getattr(args, "first_call", True),

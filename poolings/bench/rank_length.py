@@ -26,6 +26,7 @@ not run at that size; the table says so, with the prediction.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 import warnings
@@ -50,6 +51,7 @@ from .common import (
     markdown_table,
     module_main,
     output_dir,
+    parse_sizes,
     peak_memory,
     plt_module,
     progress,
@@ -60,8 +62,10 @@ from .common import (
     write_markdown,
 )
 from .references import C, EPS, _sklearn_forward
+from .report import is_published
 
 NAME = "rank_length"
+OPTIONS = ("sizes",)  # of the benchmark-specific options (defined in generic.add_arguments), what run_from_args reads
 METHODS = ("tspace", "pspace", "cg")
 
 
@@ -101,13 +105,24 @@ def _variable_lengths(B: int, T: int) -> list[int]:
     return [max(1, math.ceil(T * (1 - j / 4))) for j in range(B)] if B > 1 else [T]
 
 
-def run(cfg: BenchConfig) -> dict[str, Any]:
-    """Rank pooling's three exact methods over a T × p sweep, against liblinear and the Gram product."""
+def run(cfg: BenchConfig, *, sizes: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
+    """Rank pooling's three exact methods over a T × p sweep, against liblinear and the Gram product.
+
+    ``sizes``: run these ``(B, T, p)`` instead of the sweep, the goals among them, and no memory
+    goal (a partial run: it cannot be published)."""
+    if sizes is not None and is_published(cfg.out):
+        raise ValueError("--sizes runs part of the rank_length sweep, which cannot replace the published one; "
+                         "give --out instead of --publish")
     with cfg.applied():
-        return _run(cfg)
+        return _run(cfg, sizes)
 
 
-def _run(cfg: BenchConfig) -> dict[str, Any]:
+def run_from_args(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """``run`` with ``--sizes`` from the command line."""
+    return run(cfg, sizes=parse_sizes(getattr(args, "sizes", None)))
+
+
+def _run(cfg: BenchConfig, only: list[tuple[int, int, int]] | None) -> dict[str, Any]:
     from poolings.rank import choose_method, method_costs
 
     started = time.perf_counter()
@@ -118,21 +133,28 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
     for g in spec["goals"]:
         if (g.B, g.T, g.p) not in sizes:
             sizes.append((g.B, g.T, g.p))
+    goals = spec["goals"]
+    if only is not None:
+        sizes = list(dict.fromkeys(only))
+        goals = [g for g in goals if (g.B, g.T, g.p) in sizes]
     results, caught = [], []
     for B, T, p in progress(sizes, desc=NAME, enabled=cfg.progress):
         costs = method_costs(B, T, p, cfg.torch_dtype, cfg.device)
         row = _measure(cfg, B, T, p, costs, choose_method(B, T, p, cfg.torch_dtype, cfg.device), caps, caught)
         results.append(row)
-    memory = _memory_goal(cfg, spec["memory"])
+    memory = _memory_goal(cfg, spec["memory"]) if only is None else None
     env = finish_environment(env, started)
+    command = cfg.command(NAME)
+    if only is not None:
+        command += " --sizes " + ",".join(f"{B}x{T}x{p}" for B, T, p in sizes)
     payload = {
         "benchmark": NAME,
-        "command": cfg.command(NAME),
+        "command": command,
         "environment": env,
         "settings": {"C": C, "eps": EPS, "methods": list(METHODS), "caps": caps, "liblinear_model": LIB_SECONDS,
                      "backward": "auto (exact)", "agreement_dtype": "float64"},
         "results": results,
-        "goals": [_goal(g, results) for g in spec["goals"]],
+        "goals": [_goal(g, results) for g in goals],
         "memory_goal": memory,
         "warnings": sorted(set(caught))[:20],
     }
@@ -315,10 +337,13 @@ def _verdict(payload: dict) -> list[str]:
                 f"{'met' if g['gram_met'] else '**missed**'})")
         lines.append(f"{size} (`{g['method']}`): {fmt_time(g['total'])}, {lib}; {gram}.")
     m = payload["memory_goal"]
-    lines.append(f"{m['B']} × {m['T']} × {m['p']} ({payload['environment']['dtype']}, `{m['method']}`): peak "
-                 f"{fmt_bytes(m['memory']['bytes'])} (input {fmt_bytes(m['input_bytes'])}), goal < "
-                 f"{fmt_bytes(m['limit_bytes'])}: {'met' if m['met'] else '**missed**'}; one forward + backward "
-                 f"took {fmt_time(m['seconds_profiled'])} under the memory profiler.")
+    if m is None:
+        lines.append("Memory goal: not run (--sizes).")
+    else:
+        lines.append(f"{m['B']} × {m['T']} × {m['p']} ({payload['environment']['dtype']}, `{m['method']}`): peak "
+                     f"{fmt_bytes(m['memory']['bytes'])} (input {fmt_bytes(m['input_bytes'])}), goal < "
+                     f"{fmt_bytes(m['limit_bytes'])}: {'met' if m['met'] else '**missed**'}; one forward + "
+                     f"backward took {fmt_time(m['seconds_profiled'])} under the memory profiler.")
     errs = [(r, mth, r["methods"][mth].get(f"liblinear_error_{k}"), k) for r in payload["results"]
             for mth in METHODS for k in ("fixed", "variable")]
     errs = [e for e in errs if e[2] is not None]

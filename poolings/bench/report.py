@@ -36,7 +36,10 @@ How the numbers are taken:
   The development machine has 2 cores shared with other work: absolute times drift between runs
   by tens of percent (the load average at the start and end of each run is recorded), while the
   ratios within one run are far steadier. Compare ratios, not absolute times across sections.
-- **Threads.** Each section records the number of torch threads. On a machine whose cores are
+- **Threads.** Each section records the number of torch threads, and `--threads` limits the BLAS
+  pools of NumPy and SciPy (OpenBLAS, which the small-problem paths and the references call) to the
+  same count (recorded as "NumPy/SciPy BLAS threads"; sections written before that limit existed
+  do not show it). On a machine whose cores are
   shared with other processes, a second torch thread often waits for its core, every parallel
   region waits for it, and timings scatter by up to an order of magnitude; one thread
   (`--threads 1`) then gives far steadier numbers, and that is how runs on shared machines

@@ -53,7 +53,10 @@ def cholesky_(A: Tensor) -> Tensor:
     m, n, _ = A.shape
     info = torch.zeros(m, dtype=torch.int32, device=A.device)
     if n <= 2 * CHOLESKY_BLOCK:
-        torch.linalg.cholesky_ex(A, out=(A, info))
+        # LAPACK factorises column-major matrices: the upper factor of Aᵀ (a column-major view
+        # of A's rows, reading A's lower triangle) lands in place as L, with no transposed copy
+        # in or out (measured 0.7 → 0.35 ms for 16 of 64, 7.0 → 2.8 ms for 16 of 128, float64)
+        torch.linalg.cholesky_ex(A.mT, upper=True, out=(A.mT, info))
         return info
     for k in range(0, n, CHOLESKY_BLOCK):
         e = min(k + CHOLESKY_BLOCK, n)
