@@ -8,7 +8,9 @@ The minimiser of the piece of a signed set ``(A, s)`` solves
 ``C v_t v_tᵀ``, steps leaving subtract it, one batched product ``V_Δᵀ diag(±C) V_Δ`` over the
 ``k`` changed steps (``k p²`` instead of ``|A| p²``). It starts from ``C VᵀV`` over all
 steps (the only Gram-sized GEMM), so the first set, which is nearly all valid steps, costs a
-small update too. ``H_A`` is factorised in float64 whatever the dtype of ``V``.
+small update too. Like that GEMM, the update's product runs in the dtype of ``V`` (so ``M``
+carries that dtype's rounding and no more); ``M`` accumulates, and ``H_A`` is factorised, in
+float64 whatever the dtype of ``V``.
 
 Per iteration: one pass ``Vᵀ[C e, c₁, c₂]`` for the gradient at the current point and the
 right-hand sides of both candidate sets, one pass ``V [u₁, u₂]`` for their residuals, a
@@ -39,22 +41,25 @@ _BATCHED_UPDATE_BYTES = 64 * 2**20  # above this, M is updated sample by sample,
 
 def changed_rows(V: Tensor, rows: Tensor, new: Tensor, old: Tensor, C: float) -> tuple[Tensor, Tensor]:
     """The steps whose membership changes from set ``old`` to ``new`` (``(m, T)`` bool, samples
-    ``rows``), gathered: ``V_Δ (m, k, p)`` float64 and weights ``(m, k)``: ``+C`` entering,
-    ``−C`` leaving, 0 in the padding of samples with fewer than ``k`` changes."""
+    ``rows``), gathered: ``V_Δ (m, k, p)`` in the dtype of ``V`` and weights ``(m, k)``: ``+C``
+    entering, ``−C`` leaving, 0 in the padding of samples with fewer than ``k`` changes."""
     ch = new != old
     k = int(ch.sum(-1).max()) if ch.numel() else 0
-    w = C * (new.to(WD) - old.to(WD))  # ±C where changed, 0 elsewhere
+    w = C * (new.to(V.dtype) - old.to(V.dtype))  # ±C where changed, 0 elsewhere
     if k == 0:
-        return V.new_zeros(rows.numel(), 0, V.shape[-1], dtype=WD), w[:, :0]
+        return V.new_zeros(rows.numel(), 0, V.shape[-1]), w[:, :0]
     idx = torch.sort(ch.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k]  # (m, k)
-    Vd = V[rows.unsqueeze(-1), idx].to(WD)  # (m, k, p)
-    return Vd, w.gather(1, idx)
+    return V[rows.unsqueeze(-1), idx], w.gather(1, idx)  # (m, k, p), (m, k)
 
 
 def add_changes_(M: Tensor, Vd: Tensor, w: Tensor) -> Tensor:
-    """``M += V_Δᵀ diag(w) V_Δ`` in place, ``(m, p, p)``."""
+    """``M += V_Δᵀ diag(w) V_Δ`` in place, ``(m, p, p)``: the product in the dtype of ``V_Δ`` (as
+    the Gram product ``M`` starts from), accumulated in float64."""
     if Vd.shape[1]:
-        M.baddbmm_((Vd * w.unsqueeze(-1)).transpose(1, 2), Vd)
+        if Vd.dtype == M.dtype:
+            M.baddbmm_((Vd * w.unsqueeze(-1)).transpose(1, 2), Vd)
+        else:
+            M.add_(torch.bmm((Vd * w.unsqueeze(-1)).transpose(1, 2), Vd))
     return M
 
 

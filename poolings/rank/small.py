@@ -51,6 +51,13 @@ def _signs(r: np.ndarray, eps: float) -> np.ndarray:
     return np.sign(r) * (np.abs(r) > eps)
 
 
+def _add_identity_(H: np.ndarray) -> None:
+    """``H += I`` on each ``(n, n)`` matrix of ``H (c, n, n)``, in place: the diagonals alone
+    instead of a full-size add."""
+    d = np.arange(H.shape[-1])
+    H[:, d, d] += 1
+
+
 def _loss(r: np.ndarray, eps: float) -> np.ndarray:
     return np.square(np.maximum(np.abs(r) - eps, 0)).sum(-1)
 
@@ -72,7 +79,7 @@ class SmallTSpace:
     def matrices(self, rows, A):
         """``I + C D K D`` of the sets ``A (c, T)`` of samples ``rows (c,)``, ``(c, T, T)``."""
         H = self.K[rows] * (self.C * A)[:, :, None] * A[:, None, :]
-        H += np.eye(H.shape[-1])
+        _add_identity_(H)
         return H
 
     def residuals(self, X):
@@ -122,11 +129,11 @@ class SmallPSpace:
         k = int(ch.sum(-1).max())
         if k:
             idx = np.argsort(~ch, axis=-1, kind="stable")[:, :k]  # the changed steps first
-            Vd = self.V[rows[:, None], idx].astype(np.float64)  # (c, k, p)
-            w = self.C * np.take_along_axis(A - old, idx, 1)  # +C entering, −C leaving, 0 padding
-            H += np.matmul((Vd * w[:, :, None]).transpose(0, 2, 1), Vd)
+            Vd = self.V[rows[:, None], idx]  # (c, k, p), in the dtype of V
+            w = (self.C * np.take_along_axis(A - old, idx, 1)).astype(Vd.dtype)  # +C entering, −C leaving, 0 padding
+            H += np.matmul((Vd * w[:, :, None]).transpose(0, 2, 1), Vd)  # as PSpace: the product in V's dtype
         self._H = H.copy()  # M of each candidate set, before it is factorised in place
-        H += np.eye(H.shape[-1])
+        _add_identity_(H)
         return H
 
     def residuals(self, X):
