@@ -367,7 +367,15 @@ class ArgminLayer(nn.Module):
         U1 = U0[:1].detach().clone()
         versions = [t._version for t in (V1, U1, *inputs1.values())]
         with torch.enable_grad():
-            out = objective.value(V1, U1, problem.mask[:1], **inputs1)
+            try:
+                out = objective.value(V1, U1, problem.mask[:1], **inputs1)
+            except RuntimeError as e:  # e.g. a keyword input whose per-sample shape does not fit
+                shapes = ", ".join([f"v {tuple(V1.shape[1:])}", f"u {tuple(U1.shape[1:])}",
+                                    *(f"{k} {tuple(x.shape[1:])}" for k, x in inputs1.items())])
+                raise RuntimeError(
+                    f"objective {objective.describe()} failed on its first sample, called with per-sample shapes "
+                    f"{shapes} (keyword inputs are sliced along their first dimension, B): {e}"
+                ) from e
             outs = [out]
             if problem.constraints is not None:
                 outs.append(problem.constraints.values(V1, U1, problem.mask[:1], inputs1))

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from argminlayers import resolve_mask, zero_padding
+
+
+def _validated(V: Tensor, lengths) -> tuple[Tensor, Tensor]:
+    """``(V with padded steps zero, mask)``, ``V`` and ``lengths`` checked."""
+    mask = resolve_mask(V, lengths)
+    return zero_padding(V, mask), mask
+
+
+# Inside a compiled model the checks run eagerly (their data-dependent tests would each break
+# the graph, with a warning about Tensor.item()): one graph break, and the pooling itself compiles.
+_validated_eagerly = torch.compiler.disable(_validated)
 
 
 class Pooling(nn.Module):
@@ -16,8 +28,8 @@ class Pooling(nn.Module):
         return p
 
     def forward(self, V: Tensor, lengths: Tensor | None = None) -> Tensor:
-        mask = resolve_mask(V, lengths)
-        return self.pool(zero_padding(V, mask), mask)
+        Vz, mask = (_validated_eagerly if torch.compiler.is_compiling() else _validated)(V, lengths)
+        return self.pool(Vz, mask)
 
     def pool(self, V: Tensor, mask: Tensor) -> Tensor:
         """``V: (B, T, p)`` (validated, padded steps zero), ``mask: (B, T)`` bool → ``(B, q)``."""

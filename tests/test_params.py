@@ -177,6 +177,10 @@ def test_keyword_input_errors():
         layer(data(), w=weights(), z=weights())
     with pytest.raises(ValueError, match=r"keyword input 'w' contains NaN"):
         layer(data(), w=torch.full((3, 5), float("nan"), dtype=DT))
+    with pytest.raises(RuntimeError, match=r"failed on its first sample, called with per-sample shapes "
+                                           r"v \(5, 3\), u \(3,\), w \(4,\)") as info:
+        layer(data(), w=weights(T=4))  # per-frame weights of the wrong length
+    assert "size of tensor" in str(info.value)  # torch's own message follows
 
 
 # ------------------------------------------------------------------------ second order

@@ -119,3 +119,21 @@ def test_bad_input_named(name):
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="V contains NaN or Inf"):
         pool(bad)
+
+
+@pytest.mark.parametrize("cls", [AvgPool, MaxPool, ApproxRankPool])
+def test_torch_compile_of_a_pooling_with_lengths_matches_eager_and_logs_no_graph_break(cls, capfd):
+    torch._dynamo.reset()
+    pool = cls()
+    V, lengths = torch.randn(3, 6, 4, requires_grad=True), torch.tensor([6, 4, 2])
+    ref = pool(V, lengths)
+    (g_ref,) = torch.autograd.grad(ref.sum(), V)
+    capfd.readouterr()
+    out = torch.compile(pool, backend="aot_eager")(V, lengths)
+    (g,) = torch.autograd.grad(out.sum(), V)
+    err = capfd.readouterr().err
+    assert "Graph break" not in err and "Tensor.item()" not in err, err  # dynamo logs these to stderr
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, g_ref)
+    with pytest.raises(ValueError, match=r"lengths must lie in 1..T"):  # the checks still run inside
+        torch.compile(pool, backend="aot_eager")(V, torch.tensor([7, 4, 2]))

@@ -75,8 +75,20 @@ def test_rank_length_sizes_cannot_be_published(tmp_path, monkeypatch):
 def test_bench_refuses_an_option_the_benchmark_does_not_read(tmp_path):
     from poolings.bench.cli import main
 
-    with pytest.raises(SystemExit, match="--sizes is not an option of 'limit'"):
+    with pytest.raises(ValueError, match="--sizes is not an option of 'limit'"):
         main(["limit", "--quick", "--sizes", "2x3x4", "--out", str(tmp_path / "b")])
-    with pytest.raises(SystemExit, match="--no-first-call is not an option of 'rank_length'"):
+    with pytest.raises(ValueError, match="--no-first-call is not an option of 'rank_length'"):
         main(["rank_length", "--quick", "--no-first-call", "--out", str(tmp_path / "b")])
     assert not (tmp_path / "b").exists()  # refused before anything ran
+
+
+def test_rank_length_module_entry_point_takes_sizes(tmp_path):
+    out = tmp_path / "b"
+    assert rank_length.main(["--quick", "--repeats", "1", "--warmup", "0", "--no-progress", "--sizes", "1x9x3",
+                             "--out", str(out)]) == 0
+    import json
+
+    data = json.loads((out / "rank_length.json").read_text())
+    assert [(r["B"], r["T"], r["p"]) for r in data["results"]] == [(1, 9, 3)]
+    with pytest.raises(ValueError, match="--only is not an option of 'rank_length'"):
+        rank_length.main(["--quick", "--only", "hand", "--out", str(tmp_path / "c")])

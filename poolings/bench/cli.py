@@ -66,32 +66,31 @@ def run_benchmarks(cfg, names: Sequence[str], *, overwrite: bool = False, args: 
     return 0
 
 
-def _check_options(parser_defaults: dict, args: argparse.Namespace, names: Sequence[str]) -> None:
+def _check_options(options: dict, args: argparse.Namespace, names: Sequence[str]) -> None:
     """A benchmark-specific option given to a benchmark that does not read it is refused, not ignored."""
     for name in names:
         takes = getattr(importlib.import_module(f"{__package__}.{name}"), "OPTIONS", ())
-        for dest, default in parser_defaults.items():
+        for dest, (flag, default) in options.items():
             if dest not in takes and getattr(args, dest, default) != default:
-                flag = "--no-first-call" if dest == "first_call" else "--" + dest.replace("_", "-")
-                raise SystemExit(f"argminlayers bench: {flag} is not an option of {name!r}"
+                raise ValueError(f"{flag} is not an option of {name!r}"
                                  + (" (with 'all', run the benchmarks that take it one by one)"
                                     if len(names) > 1 else ""))
 
 
-def _specific_defaults() -> dict:
-    """``{dest: default}`` of the options that benchmark modules add (``add_arguments``)."""
+def _specific_options() -> dict:
+    """``{dest: (flag, default)}`` of the options that benchmark modules add (``add_arguments``)."""
     probe = argparse.ArgumentParser()
     for name in BENCHMARKS:
         extra = getattr(importlib.import_module(f"{__package__}.{name}"), "add_arguments", None)
         if extra is not None:
             extra(probe)
-    return {a.dest: a.default for a in probe._actions if a.dest != "help"}
+    return {a.dest: (a.option_strings[-1], a.default) for a in probe._actions if a.dest != "help"}
 
 
 def run_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(argparse.Namespace(**{**vars(args), "dtype": args.dtype or "float32"}))
     names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
-    _check_options(_specific_defaults(), args, names)
+    _check_options(_specific_options(), args, names)
     return run_benchmarks(cfg, names, overwrite=args.overwrite, args=args)
 
 

@@ -155,6 +155,10 @@ class BenchConfig:
             except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
                 pass
             else:
+                # a pool is limited only once its library is loaded: load SciPy's now (scikit-learn
+                # and cvxpy load it later, during the run)
+                with contextlib.suppress(ImportError):
+                    import scipy.linalg  # noqa: F401
                 blas = threadpool_limits(limits=self.threads, user_api="blas")
         try:
             with blas:
@@ -179,8 +183,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: per benchmark)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case before timing")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default: 1; on shared cores more threads make timings "
-                             "scatter by up to an order of magnitude)")
+                        help="torch.set_num_threads, and the same limit on NumPy's and SciPy's BLAS (default: 1; "
+                             "on shared cores more threads make timings scatter by up to an order of magnitude)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--data", choices=DATA_KINDS, default="walk",
                         help="synthetic features: 'walk' (unit-norm random walk, smooth in time) or 'iid'")
@@ -225,12 +229,19 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def module_main(name: str, run: Callable[[BenchConfig], dict], argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m poolings.bench.NAME``: parse the common options, run, regenerate the index."""
+    import importlib
+
+    from .cli import _check_options, _specific_options, run_benchmarks
+
     parser = argparse.ArgumentParser(prog=f"python -m poolings.bench.{name}", description=run.__doc__)
     add_common_args(parser)
-    args = parser.parse_args(argv)
-    from .cli import run_benchmarks
+    if getattr(importlib.import_module(f"{__package__}.{name}"), "OPTIONS", ()):  # its own options too
+        from .generic import add_arguments
 
-    return run_benchmarks(config_from_args(args), (name,), overwrite=args.overwrite)
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    _check_options(_specific_options(), args, (name,))
+    return run_benchmarks(config_from_args(args), (name,), overwrite=args.overwrite, args=args)
 
 
 # ------------------------------------------------------------------------------------ data

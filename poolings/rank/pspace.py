@@ -8,9 +8,11 @@ The minimiser of the piece of a signed set ``(A, s)`` solves
 ``C v_t v_tᵀ``, steps leaving subtract it, one batched product ``V_Δᵀ diag(±C) V_Δ`` over the
 ``k`` changed steps (``k p²`` instead of ``|A| p²``). It starts from ``C VᵀV`` over all
 steps (the only Gram-sized GEMM), so the first set, which is nearly all valid steps, costs a
-small update too. Like that GEMM, the update's product runs in the dtype of ``V`` (so ``M``
-carries that dtype's rounding and no more); ``M`` accumulates, and ``H_A`` is factorised, in
-float64 whatever the dtype of ``V``.
+small update too. Like that GEMM, the update's product ``V_Δᵀ diag(±1) V_Δ`` runs in the dtype
+of ``V`` and is scaled by ``C`` in float64; ``M`` accumulates these products, and ``H_A`` is
+factorised, in float64 whatever the dtype of ``V``. In float32, ``M`` thus gathers float32
+rounding from each update; the stopping rule does not rely on it (it measures the gradient by
+passes over ``V``).
 
 Per iteration: one pass ``Vᵀ[C e, c₁, c₂]`` for the gradient at the current point and the
 right-hand sides of both candidate sets, one pass ``V [u₁, u₂]`` for their residuals, a
@@ -39,27 +41,32 @@ WD = torch.float64
 _BATCHED_UPDATE_BYTES = 64 * 2**20  # above this, M is updated sample by sample, in place
 
 
-def changed_rows(V: Tensor, rows: Tensor, new: Tensor, old: Tensor, C: float) -> tuple[Tensor, Tensor]:
+def changed_rows(V: Tensor, rows: Tensor, new: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
     """The steps whose membership changes from set ``old`` to ``new`` (``(m, T)`` bool, samples
-    ``rows``), gathered: ``V_Δ (m, k, p)`` in the dtype of ``V`` and weights ``(m, k)``: ``+C``
-    entering, ``−C`` leaving, 0 in the padding of samples with fewer than ``k`` changes."""
+    ``rows``), gathered: ``V_Δ (m, k, p)`` in the dtype of ``V`` and signs ``(m, k)``: ``+1``
+    entering, ``−1`` leaving, 0 in the padding of samples with fewer than ``k`` changes."""
     ch = new != old
     k = int(ch.sum(-1).max()) if ch.numel() else 0
-    w = C * (new.to(V.dtype) - old.to(V.dtype))  # ±C where changed, 0 elsewhere
+    w = new.to(V.dtype) - old.to(V.dtype)  # ±1 where changed, 0 elsewhere
     if k == 0:
         return V.new_zeros(rows.numel(), 0, V.shape[-1]), w[:, :0]
     idx = torch.sort(ch.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k]  # (m, k)
     return V[rows.unsqueeze(-1), idx], w.gather(1, idx)  # (m, k, p), (m, k)
 
 
-def add_changes_(M: Tensor, Vd: Tensor, w: Tensor) -> Tensor:
-    """``M += V_Δᵀ diag(w) V_Δ`` in place, ``(m, p, p)``: the product in the dtype of ``V_Δ`` (as
-    the Gram product ``M`` starts from), accumulated in float64."""
+def add_changes_(M: Tensor, Vd: Tensor, w: Tensor, C: float, work: Tensor | None = None) -> Tensor:
+    """``M += C V_Δᵀ diag(w) V_Δ`` in place, ``(m, p, p)``. The product runs in the dtype of
+    ``V_Δ``, as the Gram product ``M`` starts from (with ``w = ±1`` it rounds exactly as that
+    product does), and is added in float64, scaled by ``C`` there; ``work``: a buffer of at
+    least ``(m, p, p)`` in the dtype of ``V_Δ`` for it (else one is allocated)."""
     if Vd.shape[1]:
+        A = (Vd * w.unsqueeze(-1)).transpose(1, 2)
         if Vd.dtype == M.dtype:
-            M.baddbmm_((Vd * w.unsqueeze(-1)).transpose(1, 2), Vd)
+            M.baddbmm_(A, Vd, alpha=C)
         else:
-            M.add_(torch.bmm((Vd * w.unsqueeze(-1)).transpose(1, 2), Vd))
+            m, p = M.shape[0], M.shape[-1]
+            out = None if work is None else work.view(-1)[: m * p * p].view(m, p, p)
+            M.add_(torch.bmm(A, Vd, out=out), alpha=C)
     return M
 
 
@@ -92,24 +99,35 @@ class PSpace(FactoredSpace):
         scale = u2.clamp_min(0).sqrt() + self.C * (e.abs() * self.norms).sum(-1)
         return torch.linalg.vector_norm(g, dim=-1), scale
 
+    def _product_buffer(self, m: int) -> Tensor | None:
+        """A kept ``(m, p, p)`` buffer in the dtype of ``V`` for the update's product (``None``
+        where ``V`` is float64: the product then goes straight into ``M``)."""
+        if self.V.dtype == WD:
+            return None
+        if getattr(self, "_product", None) is None or self._product.shape[0] < m:
+            self._product = torch.empty(m, self.n, self.n, dtype=self.V.dtype, device=self.V.device)
+        return self._product
+
     def _matrices(self, rows: Tensor, act: Tensor, out: Tensor) -> Tensor:
         """``I + M_A`` from each sample's ``M`` and the steps that changed, ``(m, p, p)``."""
-        Vd, w = changed_rows(self.V, rows, act, self.M_set[rows], self.C)
+        Vd, w = changed_rows(self.V, rows, act, self.M_set[rows])
         self._deltas = (Vd, w, act)
-        H = add_changes_(torch.index_select(self.M, 0, rows, out=out), Vd, w)
+        H = add_changes_(torch.index_select(self.M, 0, rows, out=out), Vd, w, self.C,
+                         self._product_buffer(rows.numel()) if Vd.shape[1] else None)
         H.diagonal(dim1=-2, dim2=-1).add_(1)
         return H
 
     def _adopt(self, rows: Tensor, new: Tensor) -> None:
         Vd, w, act = self._deltas
-        B = self.M.shape[0]
+        B, C = self.M.shape[0], self.C
+        work = self._product_buffer(min(rows.numel(), B)) if Vd.shape[1] else None
         if rows.numel() == B and bool((rows == torch.arange(B, device=rows.device)).all()):
-            add_changes_(self.M, Vd[new], w[new])  # every sample, in order: in place
+            add_changes_(self.M, Vd[new], w[new], C, work)  # every sample, in order: in place
         elif rows.numel() * self.n * self.n * 8 <= _BATCHED_UPDATE_BYTES:
-            self.M.index_copy_(0, rows, add_changes_(self.M.index_select(0, rows), Vd[new], w[new]))
+            self.M.index_copy_(0, rows, add_changes_(self.M.index_select(0, rows), Vd[new], w[new], C, work))
         else:  # sample by sample, in place: no (m, p, p) temporary
             for b, i in zip(rows.tolist(), new.tolist()):
-                add_changes_(self.M[b : b + 1], Vd[i : i + 1], w[i : i + 1])
+                add_changes_(self.M[b : b + 1], Vd[i : i + 1], w[i : i + 1], C, work)
         self.M_set[rows] = act[new]
 
     def _rhs(self, S, A):

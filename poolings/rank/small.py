@@ -130,8 +130,9 @@ class SmallPSpace:
         if k:
             idx = np.argsort(~ch, axis=-1, kind="stable")[:, :k]  # the changed steps first
             Vd = self.V[rows[:, None], idx]  # (c, k, p), in the dtype of V
-            w = (self.C * np.take_along_axis(A - old, idx, 1)).astype(Vd.dtype)  # +C entering, −C leaving, 0 padding
-            H += np.matmul((Vd * w[:, :, None]).transpose(0, 2, 1), Vd)  # as PSpace: the product in V's dtype
+            w = np.take_along_axis(A - old, idx, 1).astype(Vd.dtype)  # +1 entering, −1 leaving, 0 padding
+            # as PSpace: the product in V's dtype (exact signs), scaled by C in float64
+            H += np.float64(self.C) * np.matmul((Vd * w[:, :, None]).transpose(0, 2, 1), Vd)
         self._H = H.copy()  # M of each candidate set, before it is factorised in place
         _add_identity_(H)
         return H
