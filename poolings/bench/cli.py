@@ -37,6 +37,12 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     parser.add_argument("benchmark", choices=(*BENCHMARKS, "all"), help="which benchmark to run")
     add_common_args(parser)
     parser.set_defaults(func=run_command, dtype=None)  # None: the benchmark's own default
+    add_specific_arguments(parser)
+
+
+def add_specific_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options that benchmark modules define (``add_arguments``); :func:`_check_options`
+    refuses each one given to a benchmark that does not read it."""
     for name in BENCHMARKS:
         extra = getattr(importlib.import_module(f"{__package__}.{name}"), "add_arguments", None)
         if extra is not None:
@@ -80,10 +86,7 @@ def _check_options(options: dict, args: argparse.Namespace, names: Sequence[str]
 def _specific_options() -> dict:
     """``{dest: (flag, default)}`` of the options that benchmark modules add (``add_arguments``)."""
     probe = argparse.ArgumentParser()
-    for name in BENCHMARKS:
-        extra = getattr(importlib.import_module(f"{__package__}.{name}"), "add_arguments", None)
-        if extra is not None:
-            extra(probe)
+    add_specific_arguments(probe)
     return {a.dest: (a.option_strings[-1], a.default) for a in probe._actions if a.dest != "help"}
 
 

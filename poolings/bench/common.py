@@ -229,16 +229,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def module_main(name: str, run: Callable[[BenchConfig], dict], argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m poolings.bench.NAME``: parse the common options, run, regenerate the index."""
-    import importlib
-
-    from .cli import _check_options, _specific_options, run_benchmarks
+    from .cli import _check_options, _specific_options, add_specific_arguments, run_benchmarks
 
     parser = argparse.ArgumentParser(prog=f"python -m poolings.bench.{name}", description=run.__doc__)
     add_common_args(parser)
-    if getattr(importlib.import_module(f"{__package__}.{name}"), "OPTIONS", ()):  # its own options too
-        from .generic import add_arguments
-
-        add_arguments(parser)
+    add_specific_arguments(parser)  # those the benchmark does not read are refused below
     args = parser.parse_args(argv)
     _check_options(_specific_options(), args, (name,))
     return run_benchmarks(config_from_args(args), (name,), overwrite=args.overwrite, args=args)

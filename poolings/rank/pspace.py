@@ -5,7 +5,7 @@ The minimiser of the piece of a signed set ``(A, s)`` solves
     H_A u = b_{A,s},     H_A = I + M_A,   M_A = C V_Aᵀ V_A,   b_{A,s} = C V_Aᵀ (y − s ε)_A
 
 ``M`` of each sample is kept and **updated** when its set changes: steps entering ``A`` add
-``C v_t v_tᵀ``, steps leaving subtract it, one batched product ``V_Δᵀ diag(±C) V_Δ`` over the
+``C v_t v_tᵀ``, steps leaving subtract it, one batched product ``C V_Δᵀ diag(±1) V_Δ`` over the
 ``k`` changed steps (``k p²`` instead of ``|A| p²``). It starts from ``C VᵀV`` over all
 steps (the only Gram-sized GEMM), so the first set, which is nearly all valid steps, costs a
 small update too. Like that GEMM, the update's product ``V_Δᵀ diag(±1) V_Δ`` runs in the dtype
