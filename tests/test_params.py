@@ -109,6 +109,36 @@ def test_learnable_parameter_moves_under_adam():
     assert obj.delta.item() < start - 0.5
 
 
+def test_parametrised_parameter_gets_its_gradient_through_the_parametrisation():
+    """``torch.nn.utils.parametrize`` on an objective's parameter (``δ = exp(θ) > 0``): the
+    original ``θ`` is the layer's parameter and its gradient matches central differences."""
+    from torch.nn.utils import parametrize
+
+    class Exp(nn.Module):
+        def forward(self, x):
+            return x.exp()
+
+        def right_inverse(self, d):
+            return d.log()
+
+    obj = ScaledHuber(delta=0.7)
+    parametrize.register_parametrization(obj, "delta", Exp())
+    layer = ArgminLayer(obj)
+    assert [n for n, _ in layer.named_parameters()] == ["objective.parametrizations.delta.original"]
+    theta = obj.parametrizations.delta.original
+    V, G = data(), torch.randn(3, 3, dtype=DT, generator=torch.Generator().manual_seed(3))
+    (layer(V, lengths=LENGTHS["masked"]) * G).sum().backward()
+
+    def loss(t):
+        o = ScaledHuber(delta=float(torch.tensor(t, dtype=DT).exp()))
+        with torch.no_grad():
+            return float((ArgminLayer(o)(V, lengths=LENGTHS["masked"]) * G).sum())
+
+    t0, e = float(theta.detach()), 1e-6
+    fd = (loss(t0 + e) - loss(t0 - e)) / (2 * e)
+    assert abs(float(theta.grad) - fd) <= 1e-7 * max(1.0, abs(fd)), (float(theta.grad), fd)
+
+
 def test_module_objective_parameters():
     class Net(nn.Module):  # a plain nn.Module as the objective
         def __init__(self):

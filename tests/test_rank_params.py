@@ -145,6 +145,38 @@ def test_parameter_buffer_and_captured_routes():
     torch.testing.assert_close(log_C.grad, C.grad * 0.8, rtol=1e-12, atol=1e-14)
 
 
+class _Exp(nn.Module):
+    """The parametrisation ``C = exp(θ)``: ``C > 0`` whatever an optimiser does to ``θ``."""
+
+    def forward(self, x):
+        return x.exp()
+
+    def right_inverse(self, C):
+        return C.log()
+
+
+def test_a_parametrised_C_is_registered_once_and_differentiated_through_its_parametrisation():
+    """``torch.nn.utils.parametrize`` on ``objective.C``: the original ``θ = log C`` is the layer's
+    parameter (``state_dict``, optimisers), its gradient is ``C dL/dC`` for every method, and a
+    second training step works (a tensor computed upstream must instead be recomputed each step)."""
+    from torch.nn.utils import parametrize
+
+    V, g = _V().detach(), torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    for method in ("tspace", "pspace", "cg"):
+        pool = RankPool(C=nn.Parameter(torch.tensor(0.8, dtype=F64)), eps=0.15, method=method)
+        parametrize.register_parametrization(pool.objective, "C", _Exp())
+        assert [n for n, _ in pool.named_parameters()] == ["layer.objective.parametrizations.C.original"]
+        theta = pool.objective.parametrizations.C.original
+        torch.testing.assert_close(theta.detach(), torch.tensor(0.8, dtype=F64).log())
+        (pool(V, LENGTHS) * g).sum().backward()
+        C = nn.Parameter(torch.tensor(0.8, dtype=F64))
+        (RankPool(C=C, eps=0.15, method=method)(V, LENGTHS) * g).sum().backward()
+        torch.testing.assert_close(theta.grad, C.grad * 0.8, rtol=1e-9, atol=1e-12)
+        theta.grad = None
+        (pool(V, LENGTHS) * g).sum().backward()  # the second step: the parametrisation is evaluated afresh
+        torch.testing.assert_close(theta.grad, C.grad * 0.8, rtol=1e-9, atol=1e-12)
+
+
 def test_learning_C_moves_it_and_lowers_the_loss():
     """Bilevel learning: fit ``C`` so that the pooled vectors match those pooled at ``C = 3``."""
     V = _data(4, 12, 3, seed=6, scale=0.3)

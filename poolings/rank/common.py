@@ -47,7 +47,8 @@ def check_rank_value(name: str, value: float, *, learned: bool = False) -> float
     bound = "> 0" if name == "C" else ">= 0"
     if not math.isfinite(value) or (value <= 0 if name == "C" else value < 0):
         what = f"must be finite and {bound}" if not math.isfinite(value) else f"must be {bound}"
-        hint = f"; keep a learned {name} in range by a parametrisation, e.g. {name} = log_{name}.exp()" if learned else ""
+        hint = (f"; keep a learned {name} in range by a parametrisation, e.g. {name} = exp(θ) with "
+                f"torch.nn.utils.parametrize.register_parametrization" if learned else "")
         raise ValueError(f"{name} {what}, got {value}{hint}")
     return value
 
