@@ -49,6 +49,29 @@ def test_small_iteration_is_the_general_one(method, B, T, p, walk, C, eps):
 
 
 @pytest.mark.parametrize("method", list(SPACES))
+@pytest.mark.parametrize("B,T,p,walk", [(2, 50, 64, True), (6, 90, 12, True), (4, 25, 8, False)])
+def test_small_iteration_is_the_general_one_in_float32(method, B, T, p, walk):
+    """float32 frames, at the tolerances the layer uses for them: the same signed sets, iterations
+    and convergence, and points (and p-space's M) within float32 rounding of each other (the two
+    iterations' products run through NumPy's and torch's BLAS: equal bitwise here, not by contract)."""
+    from poolings.rank.common import rounding_floor
+
+    V, mask = _case(B, T, p, seed=B * T + p, walk=walk)
+    V = V.float()
+    floor_tol, floor_check = rounding_floor(torch.float64 if method == "tspace" else torch.float32)
+    opts = dict(tol=max(1e-10, floor_tol), check_tol=max(1e-6, floor_check), max_iter=50)
+    general, small = SPACES[method](V, mask, 1.0, 0.1), SPACES[method](V, mask, 1.0, 0.1)
+    a = active_set_solve(general, 1.0, 0.1, **opts)
+    b = small_solve(small, 1.0, 0.1, **opts)
+    assert b is not None and bool(b.converged.all())
+    assert torch.equal(a.sign, b.sign) and torch.equal(a.converged, b.converged)
+    assert torch.equal(a.iterations, b.iterations)
+    assert float((a.x - b.x).abs().max()) <= 1e-6 * float(a.x.abs().max().clamp_min(1))
+    if method == "pspace":
+        assert float((general.M - small.M).abs().max()) <= 1e-7 * float(general.M.abs().max())
+
+
+@pytest.mark.parametrize("method", list(SPACES))
 def test_c_not_representable_in_float32_converges(method):
     """C = 0.1, ε = 0: every step is active and the first piece is the minimiser. Right-hand
     sides built as ``C * bool_mask`` were float32 (C rounded to 1e-8) and left the general
