@@ -114,7 +114,7 @@ def run(cfg: BenchConfig, *, sizes: list[tuple[int, int, int]] | None = None) ->
         raise ValueError("--sizes runs part of the rank_length sweep, which cannot replace the published one; "
                          "give --out instead of --publish")
     with cfg.applied():
-        return _run(cfg, sizes)
+        return _sweep(cfg, sizes)
 
 
 def run_from_args(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -122,7 +122,8 @@ def run_from_args(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     return run(cfg, sizes=parse_sizes(getattr(args, "sizes", None)))
 
 
-def _run(cfg: BenchConfig, only: list[tuple[int, int, int]] | None) -> dict[str, Any]:
+def _sweep(cfg: BenchConfig, chosen: list[tuple[int, int, int]] | None) -> dict[str, Any]:
+    """The sweep with its goals' sizes; or the ``chosen`` sizes and the goals among them."""
     from poolings.rank import choose_method, method_costs
 
     started = time.perf_counter()
@@ -134,18 +135,18 @@ def _run(cfg: BenchConfig, only: list[tuple[int, int, int]] | None) -> dict[str,
         if (g.B, g.T, g.p) not in sizes:
             sizes.append((g.B, g.T, g.p))
     goals = spec["goals"]
-    if only is not None:
-        sizes = list(dict.fromkeys(only))
+    if chosen is not None:
+        sizes = list(dict.fromkeys(chosen))
         goals = [g for g in goals if (g.B, g.T, g.p) in sizes]
     results, caught = [], []
     for B, T, p in progress(sizes, desc=NAME, enabled=cfg.progress):
         costs = method_costs(B, T, p, cfg.torch_dtype, cfg.device)
         row = _measure(cfg, B, T, p, costs, choose_method(B, T, p, cfg.torch_dtype, cfg.device), caps, caught)
         results.append(row)
-    memory = _memory_goal(cfg, spec["memory"]) if only is None else None
+    memory = _memory_goal(cfg, spec["memory"]) if chosen is None else None
     env = finish_environment(env, started)
     command = cfg.command(NAME)
-    if only is not None:
+    if chosen is not None:
         command += " --sizes " + ",".join(f"{B}x{T}x{p}" for B, T, p in sizes)
     payload = {
         "benchmark": NAME,
