@@ -42,6 +42,8 @@ def test_generic_quick_both_objectives(tmp_path):
         ours = m["ours:defaults"]
         if r["objective"] == "pseudo_huber":
             assert ours["status"] == "ok" and ours["gradient_ok"] and ours["memory"] is not None
+            der = ours["derivatives"]  # the instrumented call: its derivative work is a part of it
+            assert 0 < der["seconds"] < der["total"] and 0 < der["share"] < 1
         else:  # the keyword input: measured once the layer takes it, recorded as such until then
             assert ours["status"] in ("ok", "unsupported"), ours
             assert ours["status"] != "ok" or ("grad_w_rel_err" in ours and ours["gradient_ok"])
@@ -62,6 +64,7 @@ def test_generic_quick_both_objectives(tmp_path):
                 if e["status"] == "ok":
                     assert "grad_w_rel_err" in e, name
     assert data["verdict"] and any("hand-written" in line for line in data["verdict"])
+    assert any("Where the defaults' time goes" in line and "× the hand-written call" in line for line in data["verdict"])
     md = (Path(cfg.out) / "generic.md").read_text()
     assert "### Verdict" in md and "⚠ wrong gradient" not in md.split("### Verdict")[0]
 

@@ -29,7 +29,10 @@ def test_rank_length_quick(tmp_path):
             assert info["liblinear_error_fixed"] < 1e-6 and info["liblinear_error_variable"] < 1e-6
         assert r["methods_agree"] < 1e-8
     goal = data["goals"][0]
-    assert {"lib_met", "gram_met", "lib_speedup", "over_gram"} <= set(goal)
+    assert {"lib_met", "gram_met", "lib_speedup", "over_gram", "solve", "lib_budget"} <= set(goal)
+    assert 0 < goal["solve"] < goal["total"]  # the solve alone is a part of the layer's call
+    if not (goal["lib_met"] and goal["gram_met"]):
+        assert any("Where the time goes: the forward solve alone" in line for line in data["verdict"])
     assert data["memory_goal"]["memory"]["bytes"] > 0 and "met" in data["memory_goal"]
     md = (Path(cfg.out) / "rank_length.md").read_text()
     assert "**Verdict of this run:**" in md and "Agreement with liblinear" in md

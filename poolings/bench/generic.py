@@ -41,6 +41,7 @@ is reported as unavailable. To rerun a subset while tuning, e.g.::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -576,6 +577,10 @@ def _one(cfg, objective, dtype, size, role, only, repeats, caps, measured: Measu
                 entry[phase] = t[phase]
         measured.points[(objective, dtype, method)][-1] = (
             *measured.points[(objective, dtype, method)][-1][:2], t["total"].median, entry.get("memory"))
+    if "ours:defaults" in timings:  # where the defaults' time goes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row["methods"]["ours:defaults"]["derivatives"] = _derivative_share(runners["ours:defaults"])
     if worker is not None and "jaxopt" in row["methods"]:
         try:
             worker.ask(op="drop", key="case")
@@ -670,6 +675,53 @@ def _jaxopt_runner(worker, entry, objective, V, W, G, tol, cg_tol, gn0):
     return case
 
 
+@contextlib.contextmanager
+def _derivative_clock():
+    """``[seconds]``: the wall time spent, while the block runs, evaluating the objective's plain
+    function and in autograd's reverse passes through it (the layer's gradient records,
+    Hessian products, batched Hessians and mixed products: ``vjp`` and ``batched_vjp``), i.e.
+    the derivative work that a closed form would replace. None of these calls another."""
+    import argminlayers.hessian as hessian_module
+    import argminlayers.objective as objective_module
+
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        return wrapper
+
+    sites = [(objective_module, "vjp"), (hessian_module, "vjp"), (hessian_module, "batched_vjp"),
+             (objective_module.FunctionObjective, "_raw_f")]
+    saved = [getattr(owner, name) for owner, name in sites]
+    for (owner, name), fn in zip(sites, saved):
+        setattr(owner, name, timed(fn))
+    try:
+        yield spent
+    finally:
+        for (owner, name), fn in zip(sites, saved):
+            setattr(owner, name, fn)
+
+
+def _derivative_share(run: Callable[[Stopwatch | None], Any], calls: int = 3) -> dict[str, float]:
+    """Medians over ``calls`` untimed, instrumented forward + backward calls of the defaults: the
+    call's time, the part of it in derivative work (:func:`_derivative_clock`), and the share."""
+    totals, spent = [], []
+    for _ in range(calls):
+        with _derivative_clock() as clock:
+            t0 = time.perf_counter()
+            run(None)
+            totals.append(time.perf_counter() - t0)
+        spent.append(clock[0])
+    shares = sorted(d / t for d, t in zip(spent, totals))
+    return {"total": float(np.median(totals)), "seconds": float(np.median(spent)), "share": shares[len(shares) // 2]}
+
+
 def _accuracy(entry, objective, dtype, V, W, U, dV, dW, U_ref, dV_ref, dW_ref) -> None:
     from argminlayers.check import errors
 
@@ -718,6 +770,8 @@ def _summarise_row(row: dict, dtype: str) -> None:
     s["over_jaxopt"] = _ratio(d, _ranked(m.get("jaxopt")))
     s["over_hand"] = _ratio(d, _ranked(m.get("hand")))
     s["over_best_named"] = _ratio(d, s.get("best_named_seconds"))
+    der = (m.get("ours:defaults") or {}).get("derivatives")
+    s["derivative_share"] = der["share"] if der else None
     mem = (m.get("ours:defaults") or {}).get("memory")
     itemsize = 4 if dtype == "float32" else 8
     btq2 = row["B"] * row["T"] * row["p"] ** 2 * itemsize
@@ -793,6 +847,7 @@ def verdict(payload: dict[str, Any]) -> list[str]:
             if hand:
                 parts.append(_goal_sentence(hand, "over_hand", "within 3× of the hand-written layer "
                                             "(at its sizes)", GOALS["hand"]))
+            parts.append(_derivative_sentence(rs))
             parts.append(_memory_sentence(sweep))
             wrong = sorted({f"{m} ({_size(r)})" for r in rs for m, e in r["methods"].items()
                             if e.get("status") == "ok" and not e.get("gradient_ok")})
@@ -842,6 +897,29 @@ def _goal_sentence(rows, key, label, goal) -> str:
     absent = len(vals) - len(have)
     if absent:
         text += f"; {absent} size(s) without both figures (skipped, over a cap, or a gradient flagged)"
+    return text + "."
+
+
+def _derivative_sentence(rows) -> str:
+    """Where the defaults' time goes: the share in derivative work, and at the hand-written layer's
+    sizes that work's time against the hand-written call (closed forms instead of autograd)."""
+    have = [r for r in rows if r["summary"].get("derivative_share") is not None]
+    if not have:
+        return ""
+    shares = sorted(r["summary"]["derivative_share"] for r in have)
+    text = (f"Where the defaults' time goes (one instrumented call per size): evaluating f and autograd's reverse "
+            f"passes through it take {100 * shares[0]:.0f}–{100 * shares[-1]:.0f} % of it (median "
+            f"{100 * shares[len(shares) // 2]:.0f} %); the rest is the solver loop (per-sample bookkeeping, line "
+            f"search, checks) and the layer around it (validation, the autograd Function, the backward solve)")
+    hand = []
+    for r in have:
+        h = _ranked(r["methods"].get("hand"))
+        if (r["B"], r["T"], r["p"]) in HAND_SIZES and h:
+            der = r["methods"]["ours:defaults"]["derivatives"]
+            hand.append(f"{_size(r)}: {fmt_time(der['seconds'])} of {fmt_time(der['total'])}, "
+                        f"{der['seconds'] / h:.2g}× the hand-written call")
+    if hand:
+        text += "; at the hand-written layer's sizes, that derivative work alone took " + ", ".join(hand)
     return text + "."
 
 
@@ -925,7 +1003,7 @@ def _tables(objective: str, dtype: str, rs: list[dict]) -> str:
     out = [f"### {objective}, {dtype}"]
     head = ["B × T × p", "rounds", LABELS["ours:defaults"], LABELS["best_named"], LABELS["hand"], LABELS["torchopt"],
             LABELS["jaxopt"] + " (compile)", LABELS["unrolled"], "defaults / torchopt", "defaults / jaxopt",
-            "defaults / hand", "defaults / best named"]
+            "defaults / hand", "defaults / best named", "defaults: share in f and its derivatives"]
     body = []
     for r in rs:
         m, sm = r["methods"], r["summary"]
@@ -942,6 +1020,7 @@ def _tables(objective: str, dtype: str, rs: list[dict]) -> str:
             jtext, _cell(m.get("unrolled")),
             fmt_ratio(sm["over_torchopt"]), fmt_ratio(sm["over_jaxopt"]), fmt_ratio(sm["over_hand"]),
             fmt_ratio(sm["over_best_named"]),
+            f"{100 * sm['derivative_share']:.0f} %" if sm.get("derivative_share") is not None else "–",
         ])
     out.append("Forward + backward (median):\n\n" + markdown_table(head, body))
 

@@ -141,7 +141,8 @@ def _sweep(cfg: BenchConfig, chosen: list[tuple[int, int, int]] | None) -> dict[
     results, caught = [], []
     for B, T, p in progress(sizes, desc=NAME, enabled=cfg.progress):
         costs = method_costs(B, T, p, cfg.torch_dtype, cfg.device)
-        row = _measure(cfg, B, T, p, costs, choose_method(B, T, p, cfg.torch_dtype, cfg.device), caps, caught)
+        row = _measure(cfg, B, T, p, costs, choose_method(B, T, p, cfg.torch_dtype, cfg.device), caps, caught,
+                       explain=any((g.B, g.T, g.p) == (B, T, p) for g in goals))
         results.append(row)
     memory = _memory_goal(cfg, spec["memory"]) if chosen is None else None
     env = finish_environment(env, started)
@@ -169,7 +170,12 @@ def _sweep(cfg: BenchConfig, chosen: list[tuple[int, int, int]] | None) -> dict[
 
 
 # ------------------------------------------------------------------------------- one size
-def _measure(cfg: BenchConfig, B: int, T: int, p: int, costs: dict, auto: str, caps: dict, caught: list) -> dict:
+def _measure(cfg: BenchConfig, B: int, T: int, p: int, costs: dict, auto: str, caps: dict, caught: list,
+             explain: bool = False) -> dict:
+    """One size: every method the caps allow, liblinear and the Gram product, interleaved; with
+    ``explain`` (a goal's size) also the forward solve of ``auto`` alone (``rank_pool_solve``,
+    no layer around it), which splits its time into the solve and the rest (the layer's
+    validation and autograd bridge, and the exact backward)."""
     from poolings import RankPool
     from poolings.rank import rank_pool_solve
 
@@ -232,11 +238,22 @@ def _measure(cfg: BenchConfig, B: int, T: int, p: int, costs: dict, auto: str, c
     cases = {"gram": gram_case, **{m: method_case(pool) for m, pool in pools.items()}}
     if run_lib:
         cases["liblinear"] = lib_case
+    if explain and auto in pools:
+        full_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+
+        def solve_case(sw: Stopwatch) -> None:
+            sw.start()
+            rank_pool_solve(V, full_mask, C, EPS, method=auto)
+            sw.lap("solve")
+
+        cases["solve"] = solve_case
     t = time_interleaved(cases, repeats=repeats, warmup=warmup, device=dev)
     gram = t["gram"]["gram"]
     row.update(gram=gram, repeats=repeats, warmup=warmup, gram_kind="VᵀV" if p < T else "VVᵀ")
     if run_lib:
         row["liblinear"] = t["liblinear"]["forward"]
+    if "solve" in t:
+        row["solve"] = t["solve"]["solve"]  # the forward solve of auto alone
     for m in run_methods:
         info = row["methods"][m]
         info.update(forward=t[m]["forward"], backward=t[m]["backward"], total=t[m]["total"],
@@ -315,6 +332,10 @@ def _goal(g: Goal, results: list[dict]) -> dict[str, Any]:
     if "liblinear" in row:
         out["lib_speedup"] = auto["liblinear_over"]
         out["lib_met"] = auto["liblinear_over"] >= g.lib_speedup
+        out["lib_budget"] = row["liblinear"].median / g.lib_speedup  # the total the goal allows
+    if "solve" in row:
+        out["solve"] = row["solve"].median
+        out["iterations_max"] = auto.get("iterations_max")
     return out
 
 
@@ -336,7 +357,14 @@ def _verdict(payload: dict) -> list[str]:
                f"{'met' if g['lib_met'] else '**missed**'})" if "lib_speedup" in g else "liblinear not run")
         gram = (f"{g['over_gram']:.2f}× the Gram product (goal ≤ {g['gram_ratio_goal']:g}×: "
                 f"{'met' if g['gram_met'] else '**missed**'})")
-        lines.append(f"{size} (`{g['method']}`): {fmt_time(g['total'])}, {lib}; {gram}.")
+        why = ""
+        if "solve" in g and not (g.get("lib_met", True) and g["gram_met"]):
+            budget = f"; the liblinear goal allows {fmt_time(g['lib_budget'])} in all" if not g.get("lib_met", True) else ""
+            its = f", {g['iterations_max']} iterations at most" if g.get("iterations_max") else ""
+            why = (f" Where the time goes: the forward solve alone (`rank_pool_solve`{its}) "
+                   f"{fmt_time(g['solve'])}, the layer around it and the exact backward "
+                   f"{fmt_time(max(g['total'] - g['solve'], 0.0))}{budget}.")
+        lines.append(f"{size} (`{g['method']}`): {fmt_time(g['total'])}, {lib}; {gram}.{why}")
     m = payload["memory_goal"]
     if m is None:
         lines.append("Memory goal: not run (--sizes).")
