@@ -687,6 +687,10 @@ class _ArgminFunction(torch.autograd.Function):
             elif twice and not getattr(strategy, "exact", True):
                 refuse = (f"backward={name!r} approximates H⁻¹, so the layer's gradient cannot be differentiated "
                           "again; use an exact strategy (dense, woodbury, sherman_morrison, cg) for second derivatives")
+            elif twice and layer.damping > 0:
+                refuse = (f"damping={layer.damping:g} back-propagates through (H + λI)⁻¹, an approximation of the "
+                          "implicit gradient, so that gradient cannot be differentiated again; use damping=0 for "
+                          "second derivatives")
             if refuse is not None:
                 # first-order gradients now; differentiating them again raises (never zeros)
                 with torch.no_grad():

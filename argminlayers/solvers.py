@@ -146,15 +146,23 @@ class Solver:
 
 def _curvature(lin: Linearization, g: Tensor, check: Tensor) -> tuple[Tensor, Tensor]:
     """``(pd, ‖H⁻¹g‖)`` by a short conjugate-gradient run on ``H d = g`` where ``check``;
-    ``pd`` is ``False`` where a direction of non-positive curvature is met."""
+    ``pd`` is ``False`` where a direction of non-positive curvature is met.
+
+    Where ``g`` is exactly zero (a start at a critical point, a plateau where the objective
+    underflows) its Krylov space is empty, so the run probes ``H`` from a fixed pseudo-random
+    direction instead (seeded: the same on every call), and the Newton step there is zero."""
     pd = torch.ones_like(check)
     dn = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
     if not bool(check.any()):
         return pd, dn
     rhs = torch.where(check.unsqueeze(-1), g, torch.zeros_like(g))
+    zero = check & ~(torch.linalg.vecdot(g, g) > 0)
+    if bool(zero.any()):
+        probe = torch.randn(g.shape, generator=torch.Generator(g.device).manual_seed(0), dtype=g.dtype, device=g.device)
+        rhs = torch.where(zero.unsqueeze(-1), probe, rhs)
     # a few steps suffice: a flat or negatively curved Krylov direction shows at once
     res = batched_cg(lin.hessian.matvec, rhs, tol=1e-3, max_iter=min(g.shape[-1], 2))
-    return ~(res.negative_curvature & check), torch.where(check, _norm(res.x), dn)
+    return ~(res.negative_curvature & check), torch.where(check & ~zero, _norm(res.x), dn)
 
 
 def register_solver(name: str) -> Callable[[type[Solver]], type[Solver]]:
@@ -313,7 +321,11 @@ class NewtonCG(Solver):
             d = torch.where(fallback.unsqueeze(-1), -g, res.x)
             descent = (d * g).sum(-1) < 0
             d = torch.where(descent.unsqueeze(-1), d, -g)
-            return d, ~res.negative_curvature
+            pd = ~res.negative_curvature
+            still = active & ~(torch.linalg.vecdot(g, g) > 0)  # g = 0: CG saw nothing of H; probe it
+            if bool(still.any()):
+                pd = pd & _curvature(lin, g, still)[0]
+            return d, pd
 
         return self._descend(problem, U0, direction)
 

@@ -261,6 +261,19 @@ def test_diagonal_refuses_double_backward():
         torch.autograd.grad(g.sum(), X)
 
 
+@pytest.mark.parametrize("backward", ["dense", "woodbury", "cg"])
+def test_damping_refuses_double_backward(backward):
+    """(H + λI)⁻¹ is an approximation of the implicit gradient: its first order is given (and
+    agrees across strategies), differentiating it again raises instead of a wrong value."""
+    X = data().requires_grad_(True)
+    layer = ArgminLayer(PseudoHuber(), backward=tight(backward), damping=0.3)
+    (g,) = torch.autograd.grad(layer(X).pow(2).sum(), X, create_graph=True)
+    (g1,) = torch.autograd.grad(layer(X).pow(2).sum(), X)
+    torch.testing.assert_close(g.detach(), g1, rtol=1e-9, atol=1e-12)
+    with pytest.raises(RuntimeError, match=r"damping=0.3 back-propagates through \(H \+ λI\)⁻¹"):
+        torch.autograd.grad(g.sum(), X)
+
+
 # ------------------------------------------------------------------------ composability
 def test_torch_compile_matches_eager():
     class Model(nn.Module):
@@ -333,6 +346,28 @@ def test_nonconverged_samples_get_zero_gradient_and_the_warning_says_so():
         u = layer(V, w=weights())
     u.sum().backward()
     assert V.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("solver", [None, "newton", "newton_cg", "lbfgs"])
+def test_plateau_and_maximum_at_zero_gradient_are_not_minima(solver):
+    """∇f = 0 exactly at the start, where conjugate gradient on ``H d = ∇f`` sees nothing of ``H``:
+    every solver probes the curvature from another direction, and a genuine minimum with small
+    curvature at the same start is still one."""
+    def welsch(v, u, mask):
+        return ((1 - torch.exp(-0.5 * ((u - v) ** 2).sum(-1))) * mask).sum()
+
+    def double_well(v, u, mask):  # u = 0 is a local maximum
+        return (((u**2 - (v**2).sum(0)) ** 2) * 1.0).sum()
+
+    def flat_bowl(v, u, mask):  # u = 0 is the minimum, curvature 2e-6
+        return 1e-6 * (u * u).sum() + 0 * v.sum()
+
+    for fn, V in ((welsch, data(p=80) + 20.0), (double_well, data() + 2.0)):
+        with pytest.warns(ConvergenceWarning, match=r"samples \[0, 1, 2\].*Hessian is not positive definite"):
+            ArgminLayer(fn, solver=solver)(V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ArgminLayer(flat_bowl, solver=solver)(data())
 
 
 def test_plateau_is_not_a_minimum():
