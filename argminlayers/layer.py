@@ -311,6 +311,12 @@ class ArgminLayer(nn.Module):
             sol = solver.minimize(problem, U0.reshape(B, -1))
             sol.u = problem.shaped(sol.u)
             _check_shape(sol.u, B, V, objective, f"{type(solver).__name__}.minimize")
+            # the last record's graph reaches every tensor that requires grad now (the first call's
+            # check saw those of its own time: a module frozen then, unfrozen since, is caught here)
+            record = getattr(getattr(sol.state, "linearization", None), "_record", None)
+            if V.requires_grad and record is not None:
+                self._refuse_hidden(record[0], f"objective {objective.describe()}",
+                                    (V, record[1], *inputs.values()))
         self._report(sol, V)
         if problem.constraints is not None:
             problem.constraints.check_padding(problem, sol.u)
@@ -396,22 +402,28 @@ class ArgminLayer(nn.Module):
                     "compute f from u with differentiable torch operations"
                 )
         for i, out in enumerate(outs):
-            if not (isinstance(out, Tensor) and out.requires_grad):
-                continue
-            known = {id(p) for p in objective.parameters()} | {id(t) for t in self._captured().values()}
-            stops = {id(t.grad_fn) for t in self._captured().values() if t.grad_fn is not None}
-            hidden = _hidden_leaves(out, known, stops)
-            if hidden:
-                t = hidden[0]
-                kind = "an nn.Parameter" if isinstance(t, nn.Parameter) else "a tensor"
-                who = f"objective {objective.describe()}" if i == 0 else f"{problem.constraints}"
-                raise CapturedTensorError(
-                    f"{who} captures {kind} that requires grad (shape "
-                    f"{tuple(t.shape)}, {t.dtype}) through something the layer cannot see, so its gradient "
-                    "would be lost. Pass it as a keyword input instead, layer(V, name=tensor) with the "
-                    "objective taking a `name` argument, or make it a parameter of an Objective (an nn.Module)"
-                )
+            self._refuse_hidden(out, f"objective {objective.describe()}" if i == 0 else f"{problem.constraints}")
         self._probed = True
+
+    def _refuse_hidden(self, out: Any, who: str, leaves: tuple[Tensor, ...] = ()) -> None:
+        """Raise :class:`CapturedTensorError` if ``out`` depends on a tensor that requires grad and
+        that the layer cannot route a gradient to (not a parameter, a captured tensor or one of
+        ``leaves``, the call's own inputs)."""
+        if not (isinstance(out, Tensor) and out.requires_grad):
+            return
+        captured = self._captured().values()
+        known = {id(p) for p in self.objective.parameters()} | {id(t) for t in captured} | {id(t) for t in leaves}
+        stops = {id(t.grad_fn) for t in captured if t.grad_fn is not None}
+        hidden = _hidden_leaves(out, known, stops)
+        if hidden:
+            t = hidden[0]
+            kind = "an nn.Parameter" if isinstance(t, nn.Parameter) else "a tensor"
+            raise CapturedTensorError(
+                f"{who} captures {kind} that requires grad (shape "
+                f"{tuple(t.shape)}, {t.dtype}) through something the layer cannot see, so its gradient "
+                "would be lost. Pass it as a keyword input instead, layer(V, name=tensor) with the "
+                "objective taking a `name` argument, or make it a parameter of an Objective (an nn.Module)"
+            )
 
     def _report(self, sol: Solution, V: Tensor) -> None:
         u = sol.u.reshape(sol.u.shape[0], -1)

@@ -197,6 +197,24 @@ def test_hidden_captured_tensor_is_refused():
         ArgminLayer(hidden)(data())
 
 
+def test_hidden_parameter_unfrozen_after_the_first_call_is_refused():
+    """A module the function reaches through its closure, frozen at the first call (nothing to
+    refuse then) and unfrozen later: the next call that records a graph refuses it, instead of
+    leaving its gradient None."""
+    lin = nn.Linear(3, 3).double()
+    lin.requires_grad_(False)
+
+    def through_module(v, u, mask):
+        return (torch.sqrt(1 + ((lin(u) - v) ** 2).sum(-1)) * mask).sum() + 0.1 * (u * u).sum()
+
+    layer = ArgminLayer(through_module)
+    V = data().requires_grad_(True)
+    layer(V).sum().backward()
+    lin.requires_grad_(True)
+    with pytest.raises(CapturedTensorError, match=r"objective through_module captures an nn.Parameter"):
+        layer(V)
+
+
 def test_keyword_input_errors():
     layer = ArgminLayer(weighted_pool)
     with pytest.raises(ValueError, match=r"keyword input 'w' must have leading dimension B = 3"):
