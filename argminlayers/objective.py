@@ -403,9 +403,19 @@ class _Signature:
         return self.positional_names is None or self.var_kw or name in self.keywords
 
     def takes_mask(self, input_names: tuple[str, ...]) -> bool:
+        """Whether the mask is passed: to the first positional parameter after ``(v, u)`` that is not
+        a keyword input of this call. That parameter must be named like a mask (``mask``, ``m``,
+        or a name containing ``mask``): a keyword input left out of the call, ``f(v, u, w)``
+        called without ``w=``, would otherwise receive the mask silently."""
         if self.positional_names is None or self.var_pos:
             return True
         rest = [n for n in self.positional_names[2:] if n not in input_names]
+        if rest and not (rest[0] == "m" or "mask" in rest[0]):
+            raise TypeError(
+                f"{self.what} {self.name!r}: its argument {rest[0]!r} after (v, u) would receive the mask ((T,) bool, "
+                f"the valid steps), but no keyword input {rest[0]!r} was given; pass it, layer(V, {rest[0]}=...), "
+                f"or, if it is the mask, name it `mask`"
+            )
         return bool(rest)
 
     def check_inputs(self, input_names: tuple[str, ...]) -> None:

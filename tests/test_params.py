@@ -215,6 +215,27 @@ def test_hidden_parameter_unfrozen_after_the_first_call_is_refused():
         layer(V)
 
 
+def test_an_argument_left_for_the_mask_must_be_named_like_one():
+    """``f(v, u, w)`` called without ``w=`` would get the mask as ``w``: refused, naming ``w``; the
+    same for a constraint; an argument named like a mask (``mask``, ``m``, ``…mask…``) takes it."""
+    def weighted(v, u, w):
+        return (w * torch.sqrt(1 + ((u - v) ** 2).sum(-1))).sum()
+
+    V = data()
+    assert ArgminLayer(weighted)(V, w=weights()).shape == (3, 3)
+    with pytest.raises(TypeError, match=r"'weighted': its argument 'w' after \(v, u\) would receive the mask.*"
+                                        r"layer\(V, w=\.\.\.\)"):
+        ArgminLayer(weighted)(V)
+    ball = ArgminLayer(lambda v, u: ((u - v) ** 2).sum(), ineq=lambda v, u, r: ((u * u).sum() - r**2).reshape(1))
+    with pytest.raises(TypeError, match=r"constraint function .*its argument 'r' after \(v, u\) would receive the mask"):
+        ball(V)
+    named = ArgminLayer(lambda v, u, mask: ((u - v) ** 2).sum(-1) @ mask.to(v.dtype))(V, lengths=LENGTHS["masked"])
+    torch.testing.assert_close(named, V.cumsum(1)[torch.arange(3), LENGTHS["masked"] - 1] / LENGTHS["masked"][:, None])
+    for fn in (lambda v, u, m: ((u - v) ** 2).sum(-1) @ m.to(v.dtype),
+               lambda v, u, valid_mask: ((u - v) ** 2).sum(-1) @ valid_mask.to(v.dtype)):
+        torch.testing.assert_close(ArgminLayer(fn)(V, lengths=LENGTHS["masked"]), named, rtol=0, atol=0)
+
+
 def test_keyword_input_errors():
     layer = ArgminLayer(weighted_pool)
     with pytest.raises(ValueError, match=r"keyword input 'w' must have leading dimension B = 3"):
