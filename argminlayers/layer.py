@@ -567,8 +567,17 @@ def _check_shape(U: Any, B: int, V: Tensor, objective: Objective, where: str) ->
             f"B = {B}"
         )
     if U.dtype != V.dtype or U.device != V.device:
+        # a parameter or buffer of another dtype or device promotes f and its derivatives: name it
+        held = [(n, t) for n, t in (*objective.named_parameters(), *objective.named_buffers())
+                if t.is_floating_point() and (t.dtype != V.dtype or t.device != V.device)]
+        hint = ""
+        if held:
+            n, t = held[0]
+            hint = (f" (the objective's {n!r} is {t.dtype} on {t.device}, which promotes its values: move the layer "
+                    f"with layer.to(V.dtype) / layer.to(V.device), or V to match)")
         raise ValueError(
-            f"{objective.describe()}.{where} returned {U.dtype} on {U.device}; it must match V ({V.dtype} on {V.device})"
+            f"{objective.describe()}.{where} returned {U.dtype} on {U.device}; it must match V ({V.dtype} on "
+            f"{V.device}){hint}"
         )
 
 

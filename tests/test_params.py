@@ -236,6 +236,21 @@ def test_an_argument_left_for_the_mask_must_be_named_like_one():
         torch.testing.assert_close(ArgminLayer(fn)(V, lengths=LENGTHS["masked"]), named, rtol=0, atol=0)
 
 
+def test_a_parameter_of_another_dtype_is_named():
+    class Scaled(Objective):  # a float64 parameter that promotes f; V in float32
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(1.5, dtype=DT))
+
+        def f(self, v, u, mask):
+            return self.a * (torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum()
+
+    with pytest.raises(ValueError, match=r"it must match V \(torch.float32 on cpu\) \(the objective's 'a' is "
+                                         r"torch.float64 on cpu.*layer.to\(V.dtype\)"):
+        ArgminLayer(Scaled())(data().float())
+    assert ArgminLayer(Scaled()).float()(data().float()).dtype == torch.float32
+
+
 def test_keyword_input_errors():
     layer = ArgminLayer(weighted_pool)
     with pytest.raises(ValueError, match=r"keyword input 'w' must have leading dimension B = 3"):
