@@ -278,7 +278,10 @@ class ArgminLayer(nn.Module):
             sol, _ = self._solve(V.detach(), {k: x.detach() for k, x in inputs.items()}, mask=mask)
         return sol
 
-    def _solve(self, V: Tensor, inputs: dict, *, mask: Tensor) -> tuple[Solution, Problem]:
+    def _solve(self, V: Tensor, inputs: dict, *, mask: Tensor,
+               known: "tuple[Tensor, ...] | None" = None) -> tuple[Solution, Problem]:
+        """The forward solve; ``known``: the parameters and captured tensors the call routes
+        gradients to (gathered by the call; by default gathered here)."""
         objective = self.objective
         if getattr(objective, "sequence", False) and V.dim() != 3:
             raise ValueError(
@@ -315,8 +318,10 @@ class ArgminLayer(nn.Module):
             # check saw those of its own time: a module frozen then, unfrozen since, is caught here)
             record = getattr(getattr(sol.state, "linearization", None), "_record", None)
             if V.requires_grad and record is not None:
+                if known is None:
+                    known = (*objective.parameters(), *self._captured().values())
                 self._refuse_hidden(record[0], f"objective {objective.describe()}",
-                                    (V, record[1], *inputs.values()))
+                                    (V, record[1], *inputs.values(), *known))
         self._report(sol, V)
         if problem.constraints is not None:
             problem.constraints.check_padding(problem, sol.u)
@@ -405,15 +410,17 @@ class ArgminLayer(nn.Module):
             self._refuse_hidden(out, f"objective {objective.describe()}" if i == 0 else f"{problem.constraints}")
         self._probed = True
 
-    def _refuse_hidden(self, out: Any, who: str, leaves: tuple[Tensor, ...] = ()) -> None:
+    def _refuse_hidden(self, out: Any, who: str, known: "tuple[Tensor, ...] | None" = None) -> None:
         """Raise :class:`CapturedTensorError` if ``out`` depends on a tensor that requires grad and
-        that the layer cannot route a gradient to (not a parameter, a captured tensor or one of
-        ``leaves``, the call's own inputs)."""
+        that the layer cannot route a gradient to: not one of ``known`` (by default the objective's
+        parameters and captured tensors; a call passes its own inputs, parameters and captured
+        tensors, gathered once)."""
         if not (isinstance(out, Tensor) and out.requires_grad):
             return
-        captured = self._captured().values()
-        known = {id(p) for p in self.objective.parameters()} | {id(t) for t in captured} | {id(t) for t in leaves}
-        stops = {id(t.grad_fn) for t in captured if t.grad_fn is not None}
+        if known is None:
+            known = (*self.objective.parameters(), *self._captured().values())
+        stops = {id(t.grad_fn) for t in known if t.grad_fn is not None}
+        known = {id(t) for t in known}
         hidden = _hidden_leaves(out, known, stops)
         if hidden:
             t = hidden[0]
@@ -666,7 +673,7 @@ class _ArgminFunction(torch.autograd.Function):
             mask = resolve_mask(V, mask, call.lengths, sequence=False)
             Vz = zero_padding(V, mask)
         check_inputs(inputs, Vz)
-        sol, problem = layer._solve(*_leaves(Vz, inputs, call.track), mask=mask)
+        sol, problem = layer._solve(*_leaves(Vz, inputs, call.track), mask=mask, known=tensors[n_in:])
         call.sol, call.problem, call.mask = sol, problem, mask
         conv = sol.converged
         call.ok = None if conv is None or bool(conv.all()) else conv
