@@ -7,7 +7,8 @@ are frozen by a mask. A sample has **converged** at ``u`` when
 
 - ``‖∇_u f‖ ≤ tol · max(1, ‖∇_u f(u₀)‖)`` (finite),
 - the Hessian is positive definite there (Cholesky succeeds, or conjugate gradient meets
-  no direction of non-positive curvature), and
+  no direction of non-positive curvature; where ``∇f = 0`` exactly, from a seeded probe
+  direction, since ``∇f`` itself shows nothing of ``H``), and
 - the Newton step ``‖H⁻¹∇f‖ ≤ √tol · max(1, ‖u‖)`` is small, so a flat plateau where the
   gradient merely underflows is not mistaken for a minimum.
 

@@ -66,9 +66,18 @@ def test_time_interleaved_runs_round_robin_with_phases():
 
         return run
 
-    res = common.time_interleaved({"x": case("x"), "y": case("y")}, repeats=3, warmup=1)
-    assert order == ["x", "y"] * 4
-    assert set(res["x"]) == {"a", "b", "total"} and res["y"]["total"].n == 3
+    names = [f"c{i}" for i in range(5)]
+    res = common.time_interleaved({n: case(n) for n in names}, repeats=6, warmup=1)
+    assert order[:10] == names * 2  # the warm-up and the first round in order
+    rounds = [order[5 + 5 * k: 10 + 5 * k] for k in range(6)]
+    assert all(sorted(r) == names for r in rounds)  # one run of each case per round
+    assert len({r[0] for r in rounds}) > 1  # not always the same case first
+    follows = {(r[i - 1], r[i]) for r in rounds for i in range(1, 5)}
+    assert len(follows) > 4  # nor always after the same neighbour (one fixed order has 4 pairs)
+    order.clear()
+    common.time_interleaved({n: case(n) for n in names}, repeats=6, warmup=1)
+    assert order[5:] == [n for r in rounds for n in r]  # seeded: the same orders on every run
+    assert set(res["c0"]) == {"a", "b", "total"} and res["c1"]["total"].n == 6
     with pytest.raises(RuntimeError, match="timed nothing"):
         common.time_interleaved({"z": lambda sw: None}, repeats=1, warmup=0)
 

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import shlex
 import statistics
@@ -342,6 +343,10 @@ class Stopwatch:
 Case = Callable[[Stopwatch], Any]
 
 
+#: how :func:`time_interleaved` orders a round's cases (recorded in each section's environment)
+ROUND_ORDER = "the first in order, the others in seeded shuffles"
+
+
 def time_interleaved(
     cases: dict[str, Case],
     *,
@@ -350,6 +355,11 @@ def time_interleaved(
     device: "torch.device | str" = "cpu",
 ) -> dict[str, dict[str, Timing]]:
     """Run every case ``warmup`` times untimed, then ``repeats`` rounds, one run of each case per round.
+
+    The first round runs the cases in the given order, every later one in a seeded shuffle of
+    it (the same on every run): no case is always the first of a round or always the one after
+    the same neighbour, so that what a case leaves behind (a worker process winding down, a
+    cold cache) does not fall on one case alone.
 
     A case is a callable ``case(sw)`` that calls ``sw.start()`` and then ``sw.lap(name)`` after
     each phase it wants timed. Returns ``{case: {phase: Timing}}``; a phase ``"total"`` (the sum
@@ -361,8 +371,13 @@ def time_interleaved(
         for case in cases.values():
             case(Stopwatch(device))
     laps: dict[str, dict[str, list[float]]] = {name: {} for name in cases}
-    for _ in range(repeats):
-        for name, case in cases.items():
+    names = list(cases)
+    for k in range(repeats):
+        order = list(names)
+        if k:
+            random.Random(k).shuffle(order)
+        for name in order:
+            case = cases[name]
             sw = Stopwatch(device)
             case(sw)
             if not sw.laps:
@@ -496,6 +511,7 @@ def environment(cfg: BenchConfig) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "blas_threads": _blas_threads(),
+        "round_order": ROUND_ORDER,
         "python": platform.python_version(),
         "device": cfg.device,
         "device_name": torch.cuda.get_device_name() if cfg.device == "cuda" else cpu_model(),
@@ -541,7 +557,8 @@ def environment_markdown(env: dict[str, Any]) -> str:
         f"Environment: {dev}, {env['cores']} cores ({env['cores_usable']} usable), torch threads: {env['threads']}"
         f"{', NumPy/SciPy BLAS threads: ' + str(env['blas_threads']) if env.get('blas_threads') else ''}, "
         f"torch {env['torch']}, Python {env['python']}, dtype {env['dtype']}, data `{env['data']}` "
-        f"(seed {env['seed']}), {env['date']}; wall time {env.get('wall_seconds', '?')} s{load}."
+        f"(seed {env['seed']}), {env['date']}; wall time {env.get('wall_seconds', '?')} s{load}"
+        f"{'; rounds: ' + env['round_order'] if env.get('round_order') else ''}."
     )
 
 

@@ -33,6 +33,9 @@ How the numbers are taken:
 - **Times** are medians over repeated runs after a warm-up, with the inter-quartile range (IQR)
   where it matters. Cases that are compared run **interleaved** (one run of each case per round),
   so that the load of a shared machine hits them alike, and every ratio is formed from the same run.
+  From the second round on, the order within a round is a seeded shuffle, so that no case always
+  runs first or right after the same neighbour (the environment line says "rounds: …"; sections
+  written before that ran every round in one fixed order).
   The development machine has 2 cores shared with other work: absolute times drift between runs
   by tens of percent (the load average at the start and end of each run is recorded), while the
   ratios within one run are far steadier. Compare ratios, not absolute times across sections.
