@@ -318,10 +318,8 @@ class ArgminLayer(nn.Module):
             # check saw those of its own time: a module frozen then, unfrozen since, is caught here)
             record = getattr(getattr(sol.state, "linearization", None), "_record", None)
             if V.requires_grad and record is not None:
-                if known is None:
-                    known = (*objective.parameters(), *self._captured().values())
                 self._refuse_hidden(record[0], f"objective {objective.describe()}",
-                                    (V, record[1], *inputs.values(), *known))
+                                    (V, record[1], *inputs.values(), *(self._routed() if known is None else known)))
         self._report(sol, V)
         if problem.constraints is not None:
             problem.constraints.check_padding(problem, sol.u)
@@ -418,7 +416,7 @@ class ArgminLayer(nn.Module):
         if not (isinstance(out, Tensor) and out.requires_grad):
             return
         if known is None:
-            known = (*self.objective.parameters(), *self._captured().values())
+            known = self._routed()
         stops = {id(t.grad_fn) for t in known if t.grad_fn is not None}
         known = {id(t) for t in known}
         hidden = _hidden_leaves(out, known, stops)
@@ -431,6 +429,10 @@ class ArgminLayer(nn.Module):
                 "would be lost. Pass it as a keyword input instead, layer(V, name=tensor) with the "
                 "objective taking a `name` argument, or make it a parameter of an Objective (an nn.Module)"
             )
+
+    def _routed(self) -> tuple[Tensor, ...]:
+        """The objective's parameters and captured tensors: those the layer routes gradients to."""
+        return (*self.objective.parameters(), *self._captured().values())
 
     def _report(self, sol: Solution, V: Tensor) -> None:
         u = sol.u.reshape(sol.u.shape[0], -1)
