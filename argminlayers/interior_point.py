@@ -21,8 +21,10 @@ is Newton's method on the KKT system of the equalities (SQP).
 A sample whose violation stops falling (by 0.1 % in 15 iterations) is reported ``INFEASIBLE``.
 Where ``H + J_gᵀ D J_g`` is not positive definite, ``c J_hᵀJ_h`` is added (the same step, since
 ``J_h Δu = −h``) before damping, so that a Hessian positive definite on the tangent space of
-the equalities keeps exact Newton steps. A sample has converged when ``‖∇_u L‖ ≤ tol · max(1, ‖∇f(u₀)‖)``, the violation
-``max(|h|, g₊) ≤ tol · max(1, |c(u₀)|)``, ``max s z ≤ tol · max(1, ‖∇f(u₀)‖)``, and the Hessian
+the equalities keeps exact Newton steps. A sample has converged when ``‖∇_u L‖ ≤ tol · ‖∇f(u₀)‖``, the violation
+``max(|h|, g₊) ≤ tol · max(1, |c(u₀)|)``, ``max s z ≤ tol · ‖∇f(u₀)‖`` (``‖∇f(u₀)‖`` read as 1
+where it is 0; not floored at 1, so that an objective of small scale is solved as accurately),
+and the Hessian
 of the Lagrangian is positive definite on the tangent space of the active constraints
 (else ``NOT_MINIMUM``). A sample that stops otherwise while its constraints are violated is
 reported ``INFEASIBLE``. Dense: ``O(q³ + (m + k) q²)`` per iteration, for small ``q``.
@@ -131,7 +133,10 @@ class InteriorPoint(Solver):
             kl.nu = nu
             rd = gf + _bmv(J.transpose(1, 2), nu)
             if scale is None:
-                scale = gf.norm(dim=-1).nan_to_num(0.0).clamp_min(1.0)
+                # ‖∇f(u₀)‖ itself, not floored at 1: a floor makes the test absolute, and so loose, for an
+                # objective of small scale (one written with .mean() or small weights)
+                scale = gf.norm(dim=-1).nan_to_num(0.0)
+                scale = torch.where(scale > 0, scale, torch.ones_like(scale))
                 cscale = (C.abs().amax(-1) if C.shape[1] else U.new_zeros(B)).nan_to_num(0.0).clamp_min(1.0)
                 tau_min = 0.1 * tol * scale
             ri = g + s

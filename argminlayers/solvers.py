@@ -5,7 +5,11 @@ Every solver has one required method, ``minimize(problem, U0) -> Solution``, wit
 and flat iterates ``U: (B, q)``. There is no Python loop over the batch: finished samples
 are frozen by a mask. A sample has **converged** at ``u`` when
 
-- ``‖∇_u f‖ ≤ tol · max(1, ‖∇_u f(u₀)‖)`` (finite),
+- ``‖∇_u f‖ ≤ tol · max(1, ‖∇_u f(u₀)‖)`` (finite) and, so that the accuracy does not depend
+  on the objective's scale (one written with ``.mean()`` or small weights has
+  ``‖∇_u f(u₀)‖ < 1``), either ``‖∇_u f‖ ≤ tol · ‖∇_u f(u₀)‖`` or the step to the minimiser
+  (the Newton step; L-BFGS's, or a short conjugate-gradient estimate) is ``≤ tol · max(1, ‖u‖)``
+  (a warm start),
 - the Hessian is positive definite there (Cholesky succeeds, or conjugate gradient meets
   no direction of non-positive curvature; where ``∇f = 0`` exactly, from a seeded probe
   direction, since ``∇f`` itself shows nothing of ``H``), and
@@ -87,16 +91,20 @@ class Solver:
         direction: Callable[[Linearization, Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]],
         after_step: Callable[[Tensor, Tensor, Tensor], None] | None = None,
         keep_hessian: bool = False,
+        is_step: Callable[[], Tensor] | None = None,
     ) -> Solution:
         """Line-search descent along ``direction(lin, U, gnorm, active) -> (d, pd)``; ``pd`` (B,)
-        says where the Hessian is positive definite (``None``: not known, checked by CG at the end)."""
+        says where the Hessian is positive definite (``None``: not known, checked by CG at the end).
+        ``is_step() -> (B,)``: where a gradient-only ``d`` estimates the step to the minimiser
+        (``None``: everywhere)."""
         tol = self.tolerance(U0.dtype)
         U = U0
         lin = problem.linearize(U, second_order=self.second_order)
         f, g = lin.value, lin.grad
         gnorm = _norm(g)
         finite = torch.isfinite(f) & torch.isfinite(gnorm)
-        scale = torch.where(finite, gnorm, torch.zeros_like(gnorm)).clamp_min(1.0)
+        g0 = torch.where(finite, gnorm, torch.zeros_like(gnorm))
+        scale = g0.clamp_min(1.0)
         status = torch.where(finite, MAX_ITER, NONFINITE)
         done = ~finite
         iters = torch.zeros(U.shape[0], dtype=torch.long, device=U.device)
@@ -107,11 +115,23 @@ class Solver:
             if keep_hessian:
                 hessian = getattr(lin, "factored", None)
             small_g = gnorm <= tol * scale
+            # where ‖∇f(u₀)‖ < 1 the absolute test above depends on the objective's scale (an
+            # objective written with .mean() or small weights passes it far from u*): also ask for
+            # the gradient relative to its start, or a step (the distance to u*) at the tolerance
+            dn = _norm(d)
+            unorm = _norm(U).clamp_min(1.0)
+            fine = (gnorm <= tol * g0) | (dn <= tol * unorm)
             if pd is None:  # gradient-only direction: the curvature is checked once, at the end
-                conv, saddle = live & small_g, torch.zeros_like(live)
+                # (before any pair is stored the direction is the scaled gradient, not a step)
+                if is_step is not None:
+                    fine = (gnorm <= tol * g0) | (is_step() & (dn <= tol * unorm))
+                unsure = live & small_g & ~fine  # (a warm start, say): estimate the step by CG
+                if bool(unsure.any()):
+                    fine = fine | (unsure & (_curvature(lin, lin.grad, unsure)[1] <= tol * unorm))
+                conv, saddle = live & small_g & fine, torch.zeros_like(live)
             else:
-                small_d = _norm(d) <= (tol**0.5) * _norm(U).clamp_min(1.0)
-                conv = live & small_g & pd & small_d
+                small_d = dn <= (tol**0.5) * unorm
+                conv = live & small_g & fine & pd & small_d
                 saddle = live & small_g & ~pd
             status = torch.where(conv, CONVERGED, torch.where(saddle, NOT_MINIMUM, status))
             done = done | conv | saddle
@@ -392,4 +412,4 @@ class LBFGS(Solver):
             slot[0] = (j + 1) % m
             filled[0] = min(filled[0] + 1, m)
 
-        return self._descend(problem, U0, direction, after_step)
+        return self._descend(problem, U0, direction, after_step, is_step=lambda: ~first)

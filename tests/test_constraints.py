@@ -284,6 +284,26 @@ def test_interior_point_matches_closed_form_projection():
     torch.testing.assert_close(ipm.multipliers.stacked(), own.multipliers.stacked(), atol=1e-8, rtol=0)
 
 
+def test_interior_point_accuracy_does_not_depend_on_the_objective_scale():
+    """A small objective (‖∇f(u₀)‖ ≪ 1) is solved as accurately as at scale 1 (the KKT tests are
+    relative to ‖∇f(u₀)‖, not to max(1, ‖∇f(u₀)‖): 1.5e-3 off in float32 at scale 1e-5 before)."""
+    V = 0.3 * torch.randn(8, 30, 5, dtype=DT, generator=torch.Generator().manual_seed(0))
+
+    def pseudo_huber(s):
+        return lambda v, u: s * torch.sqrt(1 + ((u - v) ** 2).sum(-1)).sum()
+
+    def simplex(s):
+        return ArgminLayer(pseudo_huber(s), eq=lambda v, u: u.sum() - 1, ineq=lambda v, u: -u)
+
+    ref = simplex(1.0)(V)
+    for dtype, atol in ((torch.float32, 1e-6), (DT, 1e-12)):
+        for s in (1e-3, 1e-5):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                u = simplex(s)(V.to(dtype))
+            torch.testing.assert_close(u.to(DT), ref, rtol=0, atol=atol)
+
+
 def test_infeasible_is_reported_and_gets_zero_gradient():
     layer = ArgminLayer(huber, eq=lambda v, u: u.sum() - 1, ineq=lambda v, u: u + 1)  # Σu = 1 and u ≤ −1
     V = data().requires_grad_(True)
