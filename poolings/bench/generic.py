@@ -411,7 +411,9 @@ def _run(cfg, dtypes, sizes, only, objectives, first_call) -> dict[str, Any]:
             "tolerances": {d: dict(zip(("forward_grad_norm", "backward_cg"),
                                        gm.default_tolerances(getattr(torch, d)))) for d in dtypes},
             "stopping_rule": "‖∇_u f‖ ≤ tol · max(1, ‖∇_u f(u₀)‖) per sample (jaxopt: absolute tol times the "
-                             "smallest max(1, ‖∇_u f(u₀)‖) of the batch), u₀ = mean of the frames",
+                             "smallest max(1, ‖∇_u f(u₀)‖) of the batch; our layer, where ‖∇_u f(u₀)‖ < 1, "
+                             "also ‖∇_u f‖ ≤ tol · ‖∇_u f(u₀)‖ or a step to u* ≤ tol · max(1, ‖u‖)), "
+                             "u₀ = mean of the frames",
             "grad_threshold": GRAD_THRESHOLD,
             "gradient_reference": "closed-form Newton in float64 to ‖∇f‖ ≤ 1e-14, checked by central "
                                   "finite differences (2 random directions, ε = 1e-6)",

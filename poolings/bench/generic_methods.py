@@ -20,7 +20,8 @@ and the implicit gradient with ``z = H⁻¹ g`` is, in closed form,
 
 Every method starts at the mean of the frames and stops at ``‖∇_u f‖ ≤ tol · max(1, ‖∇_u f(u₀)‖)``
 per sample (jaxopt: the absolute ``tol`` times the smallest such scale of the batch, so never
-looser), unless said otherwise. Every method is ``fn(V, W) -> U`` with ``V: (B, T, p)``,
+looser; our layer, where ``‖∇_u f(u₀)‖ < 1``, also asks for the gradient relative to it or a
+step to the minimiser at ``tol``, so it is never looser either), unless said otherwise. Every method is ``fn(V, W) -> U`` with ``V: (B, T, p)``,
 ``W: (B, T)`` (ignored by ``pseudo_huber``), differentiable in ``V`` and ``W``.
 """
 
