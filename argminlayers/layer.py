@@ -43,6 +43,7 @@ from .objective import (
     NOT_STATIONARY,
     STATUS_TEXT,
     FunctionObjective,
+    Linearization,
     Objective,
     Solution,
     as_objective,
@@ -233,6 +234,8 @@ class ArgminLayer(nn.Module):
         if clash:
             raise TypeError(f"keyword input(s) {clash} have the names of parameters of {self.objective.describe()}")
         captured = self._captured()
+        if torch.autograd.forward_ad._current_level >= 0:  # forward mode: every tangent is carried or refused
+            self._refuse_dual_parameters()
         # precision: solve in float32 at least, never under autocast; cast the output back
         out_dtype = V.dtype
         work = V.dtype if V.dtype in (torch.float32, torch.float64) or not V.is_floating_point() else torch.float32
@@ -430,6 +433,17 @@ class ArgminLayer(nn.Module):
                 "objective taking a `name` argument, or make it a parameter of an Objective (an nn.Module)"
             )
 
+    def _refuse_dual_parameters(self) -> None:
+        """A parameter, buffer or captured tensor of the objective with a forward-mode tangent is
+        refused: the tangent would be lost (only ``V`` and keyword inputs carry one)."""
+        unpack = torch.autograd.forward_ad.unpack_dual
+        named = (*self.objective.named_parameters(), *self.objective.named_buffers(), *self._captured().items())
+        dual = [n for n, t in named if unpack(t).tangent is not None]
+        if dual:
+            raise NotImplementedError(
+                f"{type(self).__name__}: forward-mode AD with a tangent on a parameter or captured tensor of the objective "
+                f"({', '.join(dual)}) is not supported; give tangents to V and keyword inputs (or use reverse mode)")
+
     def _routed(self) -> tuple[Tensor, ...]:
         """The objective's parameters and captured tensors: those the layer routes gradients to."""
         return (*self.objective.parameters(), *self._captured().values())
@@ -499,14 +513,7 @@ class ArgminLayer(nn.Module):
         g = grad_u.reshape(B, -1)
         U = sol.u.reshape(B, -1)
         if not create_graph:
-            st = sol.state
-            lin = getattr(st, "linearization", None)
-            if lin is None or lin.V is not problem.V or any(lin.inputs.get(k) is not x for k, x in problem.inputs.items()):
-                lin = problem.linearize(U.detach(), st)  # no record on these leaves to reuse
-            H = lin.hessian
-            if getattr(st, "hessian", None) is not None and not lin._own_hessian:
-                H = st.hessian  # the forward's dense Hessian at this point, already factorised
-            W = strategy.solve(H.shifted(self.damping), g)
+            W, lin = self._inverse(problem, sol, strategy, g)
         else:
             fixed = Problem(problem.objective, problem.V.detach(), problem.mask,
                             {k: x.detach() for k, x in problem.inputs.items()}, problem.q_shape)
@@ -517,6 +524,48 @@ class ArgminLayer(nn.Module):
             residual = lin.hessian.shifted(self.damping).matvec(W0) - g
             W = W0 - _Solve.apply(strategy, H0, residual)
         return lin.vjp(-W, wrt)  # −∂/∂x[wᵀ∇f] = ∂/∂x[(−w)ᵀ∇f]: the sign on (B, q), not on each gradient
+
+    def _inverse(self, problem: Problem, sol: Solution, strategy: Strategy, g: Tensor) -> tuple[Tensor, Linearization]:
+        """``(H⁻¹ g, linearization at u*)``, flat ``(B, q)``: the forward's record and factorised
+        Hessian where they are at these leaves, else a new linearization."""
+        st = sol.state
+        U = sol.u.reshape(problem.batch, -1)
+        lin = getattr(st, "linearization", None)
+        if lin is None or lin.V is not problem.V or any(lin.inputs.get(k) is not x for k, x in problem.inputs.items()):
+            lin = problem.linearize(U.detach(), st)  # no record on these leaves to reuse
+        H = lin.hessian
+        if getattr(st, "hessian", None) is not None and not lin._own_hessian:
+            H = st.hessian  # the forward's dense Hessian at this point, already factorised
+        return strategy.solve(H.shifted(self.damping), g), lin
+
+    def implicit_tangent(self, problem: Problem, sol: Solution, tangents: dict[str, Tensor]) -> Tensor:
+        """Forward mode: ``u̇ = −H⁻¹ Σ_x (∂∇_u f/∂x) ẋ`` for the named tangents (``"V"`` and keyword
+        inputs), flat ``(B, q)``. The mixed product ``(∂∇_u f/∂x) ẋ`` is the transpose of the
+        backward's ``x̄ = (∂∇_u f/∂x)ᵀ z``: the derivative in ``z`` of ``Σ_x ⟨x̄(z), ẋ⟩`` (two reverse
+        passes over the objective's own mixed products)."""
+        if problem.constraints is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: forward-mode AD through a constrained layer (a KKT solve) is not supported; "
+                "use reverse mode (torch.autograd.grad, torch.autograd.functional.jacobian)")
+        B = problem.batch
+        U = sol.u.reshape(B, -1).detach()
+        with torch.enable_grad():
+            V = problem.V.detach().requires_grad_("V" in tangents)
+            inputs = {k: x.detach().requires_grad_(k in tangents) for k, x in problem.inputs.items()}
+            leaves = {"V": V, **inputs}
+            wrt = {k: leaves[k] for k in tangents}
+            prob = Problem(problem.objective, V, problem.mask, inputs, problem.q_shape)
+            lin = prob.linearize(U, None, create_graph=True)
+            Z = torch.zeros_like(U, requires_grad=True)
+            parts = lin.vjp(Z, wrt)
+            terms = [(x * tangents[k]).sum() for k, x in parts.items() if x is not None]
+            if not terms:
+                return torch.zeros_like(U)
+            (mixed,) = torch.autograd.grad(sum(terms), Z, allow_unused=True)
+        if mixed is None:
+            return torch.zeros_like(U)
+        W, _ = self._inverse(problem, sol, self.pick_strategy(problem, sol), mixed)
+        return -W
 
 
 _HINTS = {
@@ -657,8 +706,9 @@ class _Call:
 
 _NO_FUNC_TRANSFORMS = (
     "{name}: torch.func derivative transforms (grad, jacrev, jacfwd, hessian, jvp) over the layer are not "
-    "supported; use torch.autograd.grad or torch.autograd.functional.jacobian/hessian, and torch.func.vmap over "
-    "the layer itself (it folds the mapped dimension into the batch)"
+    "supported; use torch.autograd.grad or torch.autograd.functional.jacobian/hessian (reverse mode), "
+    "torch.autograd.forward_ad (forward mode), and torch.func.vmap over the layer itself (it folds the mapped "
+    "dimension into the batch)"
 )
 
 
@@ -742,7 +792,33 @@ class _ArgminFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any):
-        raise RuntimeError(_NO_FUNC_TRANSFORMS.format(name=type(ctx.layer).__name__))
+        """Forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp``): ``u̇ = −H⁻¹ f_uv ẋ``."""
+        layer, call = ctx.layer, ctx.call
+        _, _, dV, _, *dt = tangents
+        n_in = len(call.names)
+        name = type(layer).__name__
+        if torch._C._functorch.maybe_current_level() is not None:
+            raise RuntimeError(_NO_FUNC_TRANSFORMS.format(name=name))
+        if any(t is not None for t in dt[n_in:]):
+            raise NotImplementedError(
+                f"{name}: forward-mode AD with a tangent on a parameter or captured tensor of the objective is not "
+                "supported; give tangents to V and keyword inputs (or use reverse mode)")
+        problem, mask = call.problem, call.mask
+        tangents_in: dict[str, Tensor] = {}
+        if dV is not None:
+            m = mask.reshape(*mask.shape, *([1] * (dV.dim() - 2)))
+            tangents_in["V"] = torch.where(m, dV, torch.zeros((), dtype=dV.dtype, device=dV.device))
+        for k, t in zip(call.names, dt[:n_in]):
+            if t is not None:
+                tangents_in[k] = t
+        U = call.sol.u
+        if not tangents_in:
+            return torch.zeros_like(U)
+        du = layer.implicit_tangent(problem, call.sol, tangents_in).reshape(U.shape)
+        if call.ok is not None:  # samples that are not minima get no derivative (the warning said so)
+            ok = call.ok.reshape(-1, *([1] * (du.dim() - 1)))
+            du = torch.where(ok, du, torch.zeros((), dtype=du.dtype, device=du.device))
+        return du
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, layer: ArgminLayer, call: _Call, V: Tensor, mask: Any, *tensors: Tensor):

@@ -53,13 +53,20 @@ def lengths_args(masking):
 
 
 # ------------------------------------------------------------------------ first order
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
 @pytest.mark.parametrize("masking", sorted(LENGTHS))
 @pytest.mark.parametrize("backward", EXACT)
-def test_gradcheck_keyword_input(backward, masking):
+def test_gradcheck_keyword_input(backward, masking, mode):
+    """Reverse mode, and forward mode (torch.autograd.forward_ad: u̇ = −H⁻¹ f_uv ẋ), against
+    finite differences in float64."""
     layer = ArgminLayer(weighted_pool, backward=tight(backward))
     V, w = data().requires_grad_(True), weights().requires_grad_(True)
     kw = lengths_args(masking)
-    assert torch.autograd.gradcheck(lambda V, w: layer(V, w=w, **kw), (V, w))
+    modes = {} if mode == "reverse" else dict(check_forward_ad=True, check_backward_ad=False,
+                                               check_undefined_grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own, when it loads its jvp decompositions
+        assert torch.autograd.gradcheck(lambda V, w: layer(V, w=w, **kw), (V, w), **modes)
 
 
 def test_maskless_function_with_keyword_input():
@@ -369,6 +376,50 @@ def test_jacrev_is_refused_with_the_alternative():
             transform(lambda a: layer(a, w=w))(data())
     J = torch.autograd.functional.jacobian(lambda a: layer(a, w=weights()), data())
     assert J.shape == (3, 3, 3, 5, 3)
+
+
+# ------------------------------------------------------------------------ forward mode
+def _tangent(fn, primals, tangents):
+    import torch.autograd.forward_ad as fwAD
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own, when it loads its jvp decompositions
+        with fwAD.dual_level():
+            out = fn(*[fwAD.make_dual(x, t) for x, t in zip(primals, tangents)])
+            return fwAD.unpack_dual(out).tangent
+
+
+def test_forward_mode_matches_reverse_mode_for_rank_pooling():
+    from poolings import RankPool
+
+    V = data(T=8, p=4)
+    T = torch.randn(V.shape, dtype=DT, generator=torch.Generator().manual_seed(3))
+    for method in ("tspace", "pspace", "cg"):
+        pool = RankPool(method=method)
+        J = torch.autograd.functional.jacobian(pool, V)  # (B, p, B, T, p), by reverse mode
+        torch.testing.assert_close(_tangent(pool, (V,), (T,)), torch.einsum("bpctq,ctq->bp", J, T),
+                                   atol=1e-10, rtol=0)
+
+
+def test_forward_mode_not_converged_samples_get_zero_tangent():
+    layer = ArgminLayer(weighted_pool, max_iter=1)
+    V, w = 10 * data(), weights()
+    with pytest.warns(ConvergenceWarning, match="Those samples get zero gradient"):
+        du = _tangent(lambda V: layer(V, w=w), (V,), (torch.ones_like(V),))
+    assert du.abs().sum() == 0
+
+
+def test_forward_mode_refusals():
+    V = data()
+    constrained = ArgminLayer(weighted_pool, eq=lambda v, u: u.sum() - 1)
+    with pytest.raises(NotImplementedError, match="forward-mode AD through a constrained layer"):
+        _tangent(lambda V: constrained(V, w=weights()), (V,), (V,))
+    layer = ArgminLayer(ScaledHuber())
+    delta = layer.objective.delta.detach()
+    with pytest.raises(NotImplementedError, match="tangent on a parameter"):
+        _tangent(lambda d: functional_call(layer, {"objective.delta": d}, (V,)), (delta,), (torch.ones_like(delta),))
+    with pytest.raises(RuntimeError, match=r"torch.func derivative transforms .* torch.autograd.forward_ad"):
+        torch.func.jvp(lambda a: layer(a), (V,), (V,))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
