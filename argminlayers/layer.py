@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from . import interior_point  # noqa: F401  (registers solver="interior_point")
 from .constraints import ConstraintSet, Multipliers
 from .constraints import implicit_grads as _constrained_grads
-from .errors import CapturedTensorError, ConvergenceError, ConvergenceWarning, StructureError
+from .errors import CapturedTensorError, ConvergenceError, ConvergenceWarning, SingularHessianError, StructureError
 from .objective import (
     CONVERGED,
     INFEASIBLE,
@@ -504,6 +505,11 @@ class ArgminLayer(nn.Module):
         """``−∂/∂x [wᵀ ∇_u f]`` for every named tensor ``x`` of ``wrt``, with ``w = H⁻¹ grad_u``
         (flat ``(B, q)``); one strategy solve, one reverse pass. ``create_graph``: differentiable
         in everything (double backward)."""
+        with _damping_hint(self.damping):
+            return self._implicit_grads(problem, sol, grad_u, wrt, create_graph)
+
+    def _implicit_grads(self, problem: Problem, sol: Solution, grad_u: Tensor, wrt: dict[str, Tensor],
+                        create_graph: bool) -> dict[str, Tensor | None]:
         strategy = self.pick_strategy(problem, sol)
         if problem.constraints is not None:
             if create_graph:
@@ -564,7 +570,8 @@ class ArgminLayer(nn.Module):
             (mixed,) = torch.autograd.grad(sum(terms), Z, allow_unused=True)
         if mixed is None:
             return torch.zeros_like(U)
-        W, _ = self._inverse(problem, sol, self.pick_strategy(problem, sol), mixed)
+        with _damping_hint(self.damping):
+            W, _ = self._inverse(problem, sol, self.pick_strategy(problem, sol), mixed)
         return -W
 
 
@@ -702,6 +709,21 @@ class _Call:
     ok: Tensor | None = None
     mask: Tensor | None = None
     extra: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _damping_hint(damping: float):
+    """A strategy's :class:`SingularHessianError` advises ``damping=λ > 0``; where the layer has
+    a damping already, the message says that it is set and not enough there."""
+    try:
+        yield
+    except SingularHessianError as e:
+        if damping <= 0 or "pass damping=" not in str(e):
+            raise
+        msg = re.sub(r"pass damping=λ > 0 to the layer.*$",
+                     f"damping={damping:g} is set (the backward solves with H + λI) and is not enough there: "
+                     "raise it, or check that the solution is a strict minimum", str(e))
+        raise SingularHessianError(msg) from e
 
 
 _NO_FUNC_TRANSFORMS = (

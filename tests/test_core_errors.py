@@ -227,6 +227,15 @@ def test_damping_option_gets_through_a_singular_hessian():
     torch.testing.assert_close(X.grad[:, :, 0], torch.full((2, 3), 1 / 3 / 1.001, dtype=DT))
 
 
+@pytest.mark.parametrize("backward", ["dense", "cg", "diagonal"])
+def test_damping_too_small_for_an_indefinite_hessian_says_so(backward):
+    X = V().requires_grad_(True)
+    u = ArgminLayer(Saddle(), backward=backward, damping=0.5)(X)  # curvature −1: H + 0.5 I is still indefinite
+    with pytest.raises(SingularHessianError, match=r"damping=0.5 is set .* not enough there: raise it") as e:
+        u.sum().backward()
+    assert "pass damping" not in str(e.value)
+
+
 def test_nonconvergence_warns_by_default():
     layer = ArgminLayer(PseudoHuber(), max_iter=1)
     with pytest.warns(ConvergenceWarning, match=r"did not converge for samples \[0, 1\]"):
