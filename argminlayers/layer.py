@@ -228,6 +228,10 @@ class ArgminLayer(nn.Module):
                 "u has the shape of one step only for V of shape (B, T, *feature_shape): give init= (e.g. "
                 "init=lambda V, mask: V.new_zeros(V.shape[0])), or V of shape (B, T, 1)"
             )
+        if isinstance(lengths, Tensor) and torch._C._functorch.is_batchedtensor(lengths):
+            raise ValueError(
+                "lengths is mapped by torch.func.vmap, which the layer cannot fold into its batch; pass the mask "
+                "instead (mask = torch.arange(T) < lengths[..., None], as the second argument): a mapped mask is folded")
         names = tuple(inputs)
         self._bind(names)
         params = {n: p for n, p in self.objective.named_parameters() if p.requires_grad}

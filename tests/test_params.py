@@ -367,6 +367,17 @@ def test_vmap_folds_into_the_batch():
     torch.testing.assert_close(out, layer(V.reshape(6, 5, 3), w=w.reshape(6, 5)).reshape(2, 3, 3))
 
 
+def test_vmap_over_lengths_is_refused_and_a_mapped_mask_works():
+    layer = ArgminLayer(weighted_pool)
+    V, w = data(B=6, T=5).reshape(2, 3, 5, 3), weights(B=6, T=5).reshape(2, 3, 5)
+    lengths = torch.tensor([[5, 3, 2], [1, 4, 5]])
+    with pytest.raises(ValueError, match=r"lengths is mapped by torch.func.vmap.*pass the mask"):
+        torch.func.vmap(lambda a, b, n: layer(a, lengths=n, w=b))(V, w, lengths)
+    out = torch.func.vmap(lambda a, b, m: layer(a, m, w=b))(V, w, torch.arange(5) < lengths[..., None])
+    ref = layer(V.reshape(6, 5, 3), lengths=lengths.reshape(6), w=w.reshape(6, 5))
+    torch.testing.assert_close(out, ref.reshape(2, 3, 3))
+
+
 def test_jacrev_is_refused_with_the_alternative():
     layer = ArgminLayer(weighted_pool)
     w = weights()
