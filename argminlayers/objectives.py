@@ -84,7 +84,9 @@ class PseudoHuber(Objective):
 
     def f(self, v: Tensor, u: Tensor, mask: Tensor) -> Tensor:
         d2 = ((u - v) ** 2).sum(-1) / self.delta**2
-        return (self.delta**2 * (torch.sqrt(1 + d2) - 1) * mask).sum()
+        # δ²(s − 1) as δ² d²/(s + 1): no cancellation where ‖u − v_t‖ ≪ δ (each term keeps its relative
+        # precision, so the line search sees decreases far below T·ε)
+        return (self.delta**2 * d2 / (torch.sqrt(1 + d2) + 1) * mask).sum()
 
     def init(self, V: Tensor, mask: Tensor) -> Tensor:
         return _masked_mean(V, mask)

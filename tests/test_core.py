@@ -131,6 +131,19 @@ def test_per_sample_convergence_counts():
     assert sol.iterations[0] < sol.iterations[1]
 
 
+@pytest.mark.parametrize("solver", [None, "newton", "newton_cg", "lbfgs"])
+def test_pseudo_huber_of_frames_close_together_converges(solver):
+    """‖u − v_t‖ ≪ δ: f = Σ δ²(s_t − 1) written as such cancels to T·ε absolutely, far above the
+    decrease of a Newton step, so the line search stalled (MAX_ITER at ‖∇f‖ ~ 1e-8)."""
+    import warnings
+
+    V = 1e-3 * torch.randn(8, 200, 64, dtype=DT, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = ArgminLayer(PseudoHuber(), solver=solver).solve(V)
+    assert bool(sol.converged.all()) and float(sol.grad_norm.max()) <= 1e-11
+
+
 def test_padded_steps_have_no_influence_and_zero_gradient():
     V = data(B=3, T=6, p=4, seed=11).requires_grad_(True)
     lengths = torch.tensor([6, 3, 1])
