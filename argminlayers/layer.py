@@ -501,7 +501,7 @@ class ArgminLayer(nn.Module):
         if dV is None:
             return torch.zeros_like(V)
         if not bool(mask.all()):
-            dV = dV.masked_fill(~mask.reshape(*mask.shape, *([1] * (dV.dim() - 2))), 0)
+            dV = _zero_outside(mask, dV)
         return dV
 
     def implicit_grads(self, problem: Problem, sol: Solution, grad_u: Tensor, wrt: dict[str, Tensor],
@@ -566,13 +566,20 @@ class ArgminLayer(nn.Module):
             wrt = {k: leaves[k] for k in tangents}
             prob = Problem(problem.objective, V, problem.mask, inputs, problem.q_shape)
             lin = prob.linearize(U, None, create_graph=True)
-            Z = torch.zeros_like(U, requires_grad=True)
+            # any Z will do (the products are linear in it); a nonzero one tells a product that does not
+            # depend on x (zero) from one that is not differentiable in Z (a closed form that detaches it)
+            Z = torch.ones_like(U, requires_grad=True)
             parts = lin.vjp(Z, wrt)
-            terms = [(x * tangents[k]).sum() for k, x in parts.items() if x is not None]
-            if not terms:
-                return torch.zeros_like(U)
-            (mixed,) = torch.autograd.grad(sum(terms), Z, allow_unused=True)
+            total = sum((x * tangents[k]).sum() for k, x in parts.items() if x is not None)
+            mixed = None
+            if isinstance(total, Tensor) and total.requires_grad:
+                (mixed,) = torch.autograd.grad(total, Z, allow_unused=True)
         if mixed is None:
+            if isinstance(total, Tensor) and bool(total != 0):
+                raise RuntimeError(
+                    f"{type(self).__name__}: forward mode differentiates the objective's mixed product "
+                    f"(∂/∂x[wᵀ∇_u f]) in w, but {problem.objective.describe()}'s vjp/vjp_v is not differentiable in w "
+                    "(it detaches it, or runs under no_grad); write it in differentiable torch operations, or use reverse mode")
             return torch.zeros_like(U)
         with _damping_hint(self.damping):
             W, _ = self._inverse(problem, sol, self.pick_strategy(problem, sol), mixed)
@@ -715,6 +722,12 @@ class _Call:
     extra: dict = field(default_factory=dict)
 
 
+def _zero_outside(keep: Tensor, x: Tensor) -> Tensor:
+    """``x`` where ``keep`` (a leading-dimensions bool, broadcast over the rest of ``x``), 0 elsewhere."""
+    keep = keep.reshape(*keep.shape, *([1] * (x.dim() - keep.dim())))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 @contextlib.contextmanager
 def _damping_hint(damping: float):
     """A strategy's :class:`SingularHessianError` advises ``damping=λ > 0``; where the layer has
@@ -775,8 +788,7 @@ class _ArgminFunction(torch.autograd.Function):
         n_in = len(call.names)
         g = grad_u
         if call.ok is not None:  # samples that are not minima get no gradient (the warning said so)
-            ok = call.ok.reshape(-1, *([1] * (g.dim() - 1)))
-            g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            g = _zero_outside(call.ok, g)
         partial = _ImplicitPartials(layer, call, need_v, need_t)
         n_par = len(call.params)
         _check_captured(layer, call, tensors[n_in + n_par:])
@@ -812,39 +824,26 @@ class _ArgminFunction(torch.autograd.Function):
                 grads = partial(problem.V, U.detach(), g, *problem.inputs.values(), *tensors[n_in:])
         dV, *out = grads
         if dV is not None and not bool(mask.all()):
-            m = mask.reshape(*mask.shape, *([1] * (dV.dim() - 2)))
-            dV = torch.where(m, dV, torch.zeros((), dtype=dV.dtype, device=dV.device))
+            dV = _zero_outside(mask, dV)
         return (None, None, dV, None, *out)
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any):
-        """Forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp``): ``u̇ = −H⁻¹ f_uv ẋ``."""
+        """Forward mode (``torch.autograd.forward_ad``): ``u̇ = −H⁻¹ f_uv ẋ``. Tangents on parameters
+        and captured tensors were refused by :meth:`ArgminLayer._call`; ``torch.func.jvp`` is refused here."""
         layer, call = ctx.layer, ctx.call
-        _, _, dV, _, *dt = tangents
-        n_in = len(call.names)
-        name = type(layer).__name__
         if torch._C._functorch.maybe_current_level() is not None:
-            raise RuntimeError(_NO_FUNC_TRANSFORMS.format(name=name))
-        if any(t is not None for t in dt[n_in:]):
-            raise NotImplementedError(
-                f"{name}: forward-mode AD with a tangent on a parameter or captured tensor of the objective is not "
-                "supported; give tangents to V and keyword inputs (or use reverse mode)")
-        problem, mask = call.problem, call.mask
-        tangents_in: dict[str, Tensor] = {}
+            raise RuntimeError(_NO_FUNC_TRANSFORMS.format(name=type(layer).__name__))
+        _, _, dV, _, *dt = tangents
+        tangents_in = {k: t for k, t in zip(call.names, dt) if t is not None}
         if dV is not None:
-            m = mask.reshape(*mask.shape, *([1] * (dV.dim() - 2)))
-            tangents_in["V"] = torch.where(m, dV, torch.zeros((), dtype=dV.dtype, device=dV.device))
-        for k, t in zip(call.names, dt[:n_in]):
-            if t is not None:
-                tangents_in[k] = t
+            tangents_in["V"] = _zero_outside(call.mask, dV)
         U = call.sol.u
         if not tangents_in:
             return torch.zeros_like(U)
-        du = layer.implicit_tangent(problem, call.sol, tangents_in).reshape(U.shape)
-        if call.ok is not None:  # samples that are not minima get no derivative (the warning said so)
-            ok = call.ok.reshape(-1, *([1] * (du.dim() - 1)))
-            du = torch.where(ok, du, torch.zeros((), dtype=du.dtype, device=du.device))
-        return du
+        du = layer.implicit_tangent(call.problem, call.sol, tangents_in).reshape(U.shape)
+        # samples that are not minima get no derivative (the warning said so)
+        return du if call.ok is None else _zero_outside(call.ok, du)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, layer: ArgminLayer, call: _Call, V: Tensor, mask: Any, *tensors: Tensor):

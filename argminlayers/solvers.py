@@ -120,11 +120,11 @@ class Solver:
             # the gradient relative to its start, or a step (the distance to u*) at the tolerance
             dn = _norm(d)
             unorm = _norm(U).clamp_min(1.0)
-            fine = (gnorm <= tol * g0) | (dn <= tol * unorm)
+            step_ok = dn <= tol * unorm
+            if is_step is not None:  # (before L-BFGS stores a pair, d is the scaled gradient, not a step)
+                step_ok = step_ok & is_step()
+            fine = (gnorm <= tol * g0) | step_ok
             if pd is None:  # gradient-only direction: the curvature is checked once, at the end
-                # (before any pair is stored the direction is the scaled gradient, not a step)
-                if is_step is not None:
-                    fine = (gnorm <= tol * g0) | (is_step() & (dn <= tol * unorm))
                 unsure = live & small_g & ~fine  # (a warm start, say): estimate the step by CG
                 if bool(unsure.any()):
                     fine = fine | (unsure & (_curvature(lin, lin.grad, unsure)[1] <= tol * unorm))

@@ -420,6 +420,28 @@ def test_forward_mode_not_converged_samples_get_zero_tangent():
     assert du.abs().sum() == 0
 
 
+class _SquaredPool(Objective):
+    """f = ½ Σ_t ‖u − v_t‖², with a closed-form mixed product ∂/∂v_t[wᵀ∇_u f] = −w."""
+
+    def __init__(self, detach=False):
+        super().__init__()
+        self.detach = detach
+
+    def f(self, v, u, mask):
+        return 0.5 * (((u - v) ** 2).sum(-1) * mask).sum()
+
+    def vjp_v(self, V, U, mask, W, state=None):
+        W = W.detach() if self.detach else W
+        return -W.unsqueeze(1) * mask.unsqueeze(-1).to(W.dtype)
+
+
+def test_forward_mode_through_a_closed_form_mixed_product():
+    V, T = data(), torch.ones_like(data())
+    torch.testing.assert_close(_tangent(ArgminLayer(_SquaredPool()), (V,), (T,)), torch.ones(3, 3, dtype=DT))
+    with pytest.raises(RuntimeError, match=r"vjp/vjp_v is not differentiable in w"):
+        _tangent(ArgminLayer(_SquaredPool(detach=True)), (V,), (T,))
+
+
 def test_forward_mode_refusals():
     V = data()
     constrained = ArgminLayer(weighted_pool, eq=lambda v, u: u.sum() - 1)
