@@ -18,6 +18,7 @@ costs) and shifted by ``λI`` with :meth:`~HessianOperator.shifted` (used by ``d
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -113,7 +114,7 @@ class AutogradHessian(HessianOperator):
     def __init__(self, U: Tensor, G: Tensor | None, *, create_graph: bool = False,
                  diagonal: Callable[[], Tensor] | None = None):
         B = U.shape[0]
-        super().__init__(B, U[0].numel(), U.dtype, U.device)
+        super().__init__(B, math.prod(U.shape[1:]), U.dtype, U.device)
         self.U, self.G, self.create_graph = U, G, create_graph
         self._diagonal = diagonal
         self._dense: Tensor | None = None
@@ -132,8 +133,7 @@ class AutogradHessian(HessianOperator):
                 self._dense = torch.zeros(B, q, q, dtype=self.dtype, device=self.device)
             else:
                 # q products in one batched reverse pass: row i of every sample's H is ∇(G · e_i)
-                eye = torch.eye(q, dtype=self.dtype, device=self.device)
-                E = eye.unsqueeze(1).expand(q, B, q).reshape(q, *self.U.shape)
+                E = _unit_rows(q, B, self.dtype, self.device).view(q, *self.U.shape)
                 with torch.enable_grad():
                     H = batched_vjp(self.G, self.U, E, create_graph=self.create_graph)
                 H = torch.zeros(q, B, q, dtype=self.dtype, device=self.device) if H is None else H.reshape(q, B, q)
@@ -144,6 +144,25 @@ class AutogradHessian(HessianOperator):
         if self._diagonal is not None:
             return self._diagonal()
         return self.dense().diagonal(dim1=-2, dim2=-1)
+
+
+_UNITS: dict[tuple, Tensor] = {}
+_UNITS_MAX = 2**16  # elements of the kept unit rows (small problems, where building them shows)
+
+
+def _unit_rows(q: int, B: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``E (q, B, q)`` with ``E[i, b] = e_i``: the grad outputs of a dense Hessian's ``q`` products.
+    Read-only; the last one built for a small ``(q, B)`` is kept (a repeated call of one shape
+    builds it once)."""
+    key = (q, B, dtype, device)
+    E = _UNITS.get(key)
+    if E is None:
+        E = torch.eye(q, dtype=dtype, device=device).unsqueeze(1).expand(q, B, q).contiguous()
+        if E.numel() <= _UNITS_MAX and not torch.is_inference_mode_enabled():  # (an inference tensor cannot
+            # be saved for a double backward later)
+            _UNITS.clear()
+            _UNITS[key] = E
+    return E
 
 
 class FunctionHessian(HessianOperator):

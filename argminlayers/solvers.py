@@ -114,31 +114,34 @@ class Solver:
             d, pd = direction(lin, U, gnorm, live)
             if keep_hessian:
                 hessian = getattr(lin, "factored", None)
-            small_g = gnorm <= tol * scale
-            # where ‖∇f(u₀)‖ < 1 the absolute test above depends on the objective's scale (an
-            # objective written with .mean() or small weights passes it far from u*): also ask for
-            # the gradient relative to its start, or a step (the distance to u*) at the tolerance
-            dn = _norm(d)
-            unorm = _norm(U).clamp_min(1.0)
-            step_ok = dn <= tol * unorm
-            if is_step is not None:  # (before L-BFGS stores a pair, d is the scaled gradient, not a step)
-                step_ok = step_ok & is_step()
-            fine = (gnorm <= tol * g0) | step_ok
-            if pd is None:  # gradient-only direction: the curvature is checked once, at the end
-                unsure = live & small_g & ~fine  # (a warm start, say): estimate the step by CG
-                if bool(unsure.any()):
-                    fine = fine | (unsure & (_curvature(lin, lin.grad, unsure)[1] <= tol * unorm))
-                conv, saddle = live & small_g & fine, torch.zeros_like(live)
-            else:
-                small_d = dn <= (tol**0.5) * unorm
-                conv = live & small_g & fine & pd & small_d
-                saddle = live & small_g & ~pd
-            status = torch.where(conv, CONVERGED, torch.where(saddle, NOT_MINIMUM, status))
-            done = done | conv | saddle
+            small_g = live & (gnorm <= tol * scale)
+            if bool(small_g.any()):  # every test below needs a small gradient: most iterations skip them
+                # where ‖∇f(u₀)‖ < 1 the absolute test above depends on the objective's scale (an
+                # objective written with .mean() or small weights passes it far from u*): also ask for
+                # the gradient relative to its start, or a step (the distance to u*) at the tolerance
+                dn = _norm(d)
+                unorm = _norm(U).clamp_min(1.0)
+                step_ok = dn <= tol * unorm
+                if is_step is not None:  # (before L-BFGS stores a pair, d is the scaled gradient, not a step)
+                    step_ok = step_ok & is_step()
+                fine = (gnorm <= tol * g0) | step_ok
+                if pd is None:  # gradient-only direction: the curvature is checked once, at the end
+                    unsure = small_g & ~fine  # (a warm start, say): estimate the step by CG
+                    if bool(unsure.any()):
+                        fine = fine | (unsure & (_curvature(lin, lin.grad, unsure)[1] <= tol * unorm))
+                    conv, saddle = small_g & fine, torch.zeros_like(live)
+                else:
+                    small_d = dn <= (tol**0.5) * unorm
+                    conv = small_g & fine & pd & small_d
+                    saddle = small_g & ~pd
+                status = torch.where(conv, CONVERGED, torch.where(saddle, NOT_MINIMUM, status))
+                done = done | conv | saddle
             active = ~done
-            if it == self.max_iter or not bool(active.any()):
+            n_active = int(active.sum())
+            if it == self.max_iter or n_active == 0:
                 break
-            d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
+            if n_active < active.numel():
+                d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
             # the full step is recorded as the next linearization: when every sample takes it
             # (Newton near its solution), the line search costs no extra pass
             trial = problem.linearize(U + d, second_order=self.second_order)
@@ -150,10 +153,12 @@ class Solver:
             U, f, g = U_new, f_new, g_new
             gnorm = _norm(g)
             iters = iters + active.long()
-            nonfinite = active & ~torch.isfinite(gnorm)
-            stuck = active & ~ok
-            status = torch.where(nonfinite, NONFINITE, torch.where(stuck, NO_DESCENT, status))
-            done = done | nonfinite | stuck
+            finite = torch.isfinite(gnorm)
+            if not (full and bool(finite.all())):  # (full: every active sample stepped)
+                nonfinite = active & ~finite
+                stuck = active & ~ok
+                status = torch.where(nonfinite, NONFINITE, torch.where(stuck, NO_DESCENT, status))
+                done = done | nonfinite | stuck
         if not self.second_order:
             # a gradient-only solver knows nothing of the curvature: check it where it stopped
             stopped = status == CONVERGED
