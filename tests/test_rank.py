@@ -312,6 +312,18 @@ def test_diagonal_is_an_approximation(capsys):
     assert 0 < cos < 1 - 1e-6
 
 
+@pytest.mark.parametrize("p", [64, 300])  # a batched GEMM, and two elementwise passes (wide frames)
+def test_mixed_product_closed_form_matches_autograd_at_any_width(p):
+    obj = RankPoolObjective(1.5, 0.1, method="tspace")
+    V = _data(2, 120, p, seed=21, scale=0.1)
+    mask = _mask([120, 70], 120)
+    V = V * mask.unsqueeze(-1)
+    U, X = _data(1, 2, p, seed=22)[0] * 0.05, _data(1, 2, p, seed=23)[0]
+    closed = obj.vjp_v(V, U, mask, X)
+    assert closed.abs().amax() > 0
+    torch.testing.assert_close(closed, Objective.vjp_v(obj, V, U, mask, X), atol=1e-12, rtol=1e-10)
+
+
 def test_closed_forms_match_torch_func():
     obj = RankPoolObjective(1.5, 0.2, method="tspace")
     V = _data(3, 9, 5, seed=17, scale=0.5)
