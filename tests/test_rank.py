@@ -565,3 +565,25 @@ def test_docstring_examples_of_the_rank_package(module):
     assert result.failed == 0
     if module == "layer":
         assert result.attempted > 0
+
+
+@pytest.mark.parametrize("method", ["pspace", "cg"])
+def test_a_float32_solve_out_of_descent_is_finished_in_float64(monkeypatch, method):
+    # float32 passes over V cannot bring the relative gradient to 1e-12: with that floor every
+    # sample stops without descent left (cg, as long videos of wide frames do at the real floor)
+    # or runs out of iterations (pspace), and is solved again in float64 instead of being
+    # returned unconverged (no gradient)
+    import poolings.rank.objective as ro
+
+    real = ro.rounding_floor
+    monkeypatch.setattr(ro, "rounding_floor", lambda dt: (1e-13, 1e-12) if dt == torch.float32 else real(dt))
+    mask = _mask([40, 25, 9], 40)
+    V = (_data(3, 40, 6, seed=5, scale=0.3) * mask.unsqueeze(-1)).float()
+    sol = rank_pool_solve(V, mask, 1.0, 0.1, method=method, tol=1e-13, check_tol=1e-12)
+    ref = rank_pool_solve(V.double(), mask, 1.0, 0.1, method=method, tol=1e-13, check_tol=1e-12)
+    assert bool(sol.converged.all()) and bool(ref.converged.all())
+    assert bool((sol.iterations > ref.iterations).all())  # the float32 attempt came first
+    assert sol.u.dtype == torch.float32
+    torch.testing.assert_close(sol.u, ref.u.float(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sol.state.active, ref.state.active)
+    torch.testing.assert_close(sol.state.e, ref.state.e.float(), atol=1e-6, rtol=1e-6)
