@@ -145,13 +145,12 @@ def _finish_in_float64(sol: Solution, V: Tensor, mask: Tensor, C: float, eps: fl
     size of its terms, and for long videos of wide frames (``‖u‖`` grows with ``T``) that can sit
     above even the loose ``check_tol`` floor: measured on random-walk features (seeds 0–5), 3 of 84
     samples at ``T = 250–2000``, ``p = 2048–4096`` stopped so in the ``cg`` method (all at
-    ``T ≥ 1000``; relative error in ``u`` ~1e-4, ``‖∇f‖`` 1.4–4.3), none of 128 at ``p ≤ 1024`` (seed 0, also i.i.d. features),
-    and would get no gradient. (A direct method given a floor it cannot reach runs to
-    ``max_iter`` instead.) Their float64 solution (same method, tolerances and
-    ``max_iter``) replaces theirs,
-    rounded to the dtype of ``V``, with its state (active set, excess, factor, ``M``, and the
-    preconditioner where the shapes agree); its iterations are added. Memory: one sample's
-    ``V`` in float64."""
+    ``T ≥ 1000``; relative error in ``u`` ~1e-4, ``‖∇f‖`` 1.4–4.3), none of 128 at ``p ≤ 1024``
+    (seed 0, also i.i.d. features), and would get no gradient. (A direct method given a floor
+    it cannot reach runs to ``max_iter`` instead.) Their float64 solution (same method,
+    tolerances and ``max_iter``) replaces theirs, rounded to the dtype of ``V``, with its state
+    (active set, excess, factor, ``M``, and the preconditioner where the shapes agree); its
+    iterations are added. Memory: one sample's ``V`` in float64."""
     stuck = ~sol.converged
     if not bool(stuck.any()):
         return
