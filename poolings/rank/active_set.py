@@ -37,7 +37,8 @@ Each iteration, for every live sample (no Python loop over the batch):
    the residual of the solve), and otherwise along it with the exact line search; they stop
    on the relative gradient only.
 
-A sample with no descent left at working precision is done if its relative gradient is already
+A sample with no descent left at working precision (no step, or a line-search step at the
+rounding level of the measurements) is done if its relative gradient is already
 ``≤ check_tol`` (it sits at the rounding floor of the data, e.g. float32 features), and is
 otherwise stopped. A sample stopped so, or still running after ``max_iter`` iterations, is
 returned with ``converged = False`` (the layer then warns or raises).
@@ -113,8 +114,10 @@ class ActiveSetResult:
 
 
 def active_set_solve(space: Space, C: float, eps: float, *, tol: float, check_tol: float,
-                     max_iter: int) -> ActiveSetResult:
-    """Run the iteration described in the module docstring on ``space``; see there."""
+                     max_iter: int, step_floor: float = 0.0) -> ActiveSetResult:
+    """Run the iteration described in the module docstring on ``space``; see there.
+    ``step_floor``: a line-search step ``α‖d‖ ≤ step_floor · ‖x‖`` is rounding, not descent (the
+    sample then counts as having none left)."""
     y, mask = space.y, space.mask
     B, T = y.shape
     dev, wd = y.device, y.dtype
@@ -165,7 +168,7 @@ def active_set_solve(space: Space, C: float, eps: float, *, tol: float, check_to
             k, Fk, hit = torch.zeros_like(iters), F[:, 0], reproduced[:, 0]
         jump = live & (hit | (Fk < f)) if space.exact else live & hit & (Fk <= f)
         search = live & ~jump & good[:, 0]
-        moved = jump
+        moved = progress = jump
         if bool(jump.any()):
             j = jump.unsqueeze(-1)
             if two:
@@ -193,6 +196,9 @@ def active_set_solve(space: Space, C: float, eps: float, *, tol: float, check_to
             f_a = 0.5 * u2_a + 0.5 * C * loss(r_a, mask, eps)
             step = search & (a > 0) & (f_a <= f)
             s = step.unsqueeze(-1)
+            # a step at the rounding level of the measurements (float32 passes near the floor
+            # take α ~ 1e-11 steps that "decrease" f by noise, one iteration each) is not descent
+            real = step & (a * torch.linalg.vector_norm(d, dim=-1) > step_floor * torch.linalg.vector_norm(x, dim=-1))
             beta_n = (sgn1 != 0) * (C * (R[:, 0] - sgn1 * eps))
             x = torch.where(s, x_a, x)
             r = torch.where(s, r_a, r)
@@ -200,14 +206,15 @@ def active_set_solve(space: Space, C: float, eps: float, *, tol: float, check_to
             u2 = torch.where(step, u2_a, u2)
             f = torch.where(step, f_a, f)
             moved = moved | step
+            progress = progress | real
         # what the space keeps: the factor of the set moved to (the Newton set's after a line search)
         space.commit(torch.where(jump, k, torch.where(moved, 0, -1)))
         stable = jump & hit & space.exact
         # no descent left at working precision: done if the gradient is at check_tol already
         # (rounding floor of the data), else stopped and reported as not converged
-        stuck = live & ~moved
+        stuck = live & ~progress
         done |= stuck & (rel <= check_tol)
-        live &= moved
+        live &= progress
 
     sgn = torch.sign(r) * ((r.abs() > eps) & mask)
     return ActiveSetResult(x, r, sgn != 0, sgn, done, iters, gnorm)

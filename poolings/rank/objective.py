@@ -114,9 +114,9 @@ def rank_pool_solve(
                  "cg": lambda: NewtonCGSpace(V, mask, C, eps, tol=tol)}[method]()
         res = None
         if method != "cg" and is_small_numpy(V.shape[0], space.n, V.device):
-            res = small_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter)
+            res = small_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter, step_floor=floor_tol)
         if res is None:
-            res = active_set_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter)
+            res = active_set_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter, step_floor=floor_tol)
         factor = space.final_factor(res.active) if method != "cg" else None
     dt = V.dtype
     state = RankPoolState(method, _ordinary(res.active), _ordinary(excess(res.r, res.sign, eps), dt))

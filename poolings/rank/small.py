@@ -156,10 +156,11 @@ def _keep(cache: np.ndarray, cache_set: np.ndarray, H: np.ndarray, rows: np.ndar
 
 
 def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check_tol: float,
-                max_iter: int) -> ActiveSetResult | None:
+                max_iter: int, step_floor: float = 0.0) -> ActiveSetResult | None:
     """The active-set iteration on ``space`` (a :class:`~poolings.rank.tspace.TSpace` or
     :class:`~poolings.rank.pspace.PSpace` on the CPU) in NumPy; ``None`` where a candidate matrix
-    could not be factorised (the caller then runs the general iteration, which reports it)."""
+    could not be factorised (the caller then runs the general iteration, which reports it).
+    ``step_floor``: as in :func:`~poolings.rank.active_set.active_set_solve`."""
     sp = SmallTSpace(space) if isinstance(space, TSpace) else SmallPSpace(space)
     y, norms = space.y.numpy(), space.norms.numpy()  # (B, T) float64 each
     B, T = y.shape
@@ -237,6 +238,7 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
         sp.adopt(J, hidx[cj], Sk != 0)
         moved = np.zeros(B, dtype=bool)
         moved[J] = True
+        progress = moved.copy()  # moved, by more than a step at the rounding level
         if not jump.all():
             # the Newton direction with an exact line search (r is affine in x)
             Q, q = L[~jump], first[~jump]
@@ -249,6 +251,8 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
             u2_a = u2[Q] + 2 * a * ud + a * a * dd
             f_a = 0.5 * u2_a + 0.5 * C * _loss(r_a, eps)
             step = (a > 0) & (f_a <= f[Q])
+            real = step & (a * np.linalg.norm(d, axis=-1) > step_floor * np.linalg.norm(xq, axis=-1))
+            progress[Q[real]] = True
             P, ps, a = Q[step], q[step], a[step, None]
             beta_n = (s1[ps] != 0) * (C * (R[ps] - s1[ps] * eps))
             x[P], r[P] = xq[step] + a * d[step], r_a[step]
@@ -260,9 +264,9 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
         factored |= moved
         stable = np.zeros(B, dtype=bool)
         stable[J[hit[jump]]] = True
-        stuck = live & ~moved  # no descent left at working precision
+        stuck = live & ~progress  # no descent left at working precision
         done |= stuck & (rel <= check_tol)
-        live &= moved
+        live &= progress
 
     space.has_factor |= torch.from_numpy(factored)
     sgn = torch.from_numpy(_signs(r, eps))
