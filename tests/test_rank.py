@@ -598,7 +598,7 @@ def test_line_search_steps_at_the_rounding_level_end_the_solve(monkeypatch):
     import poolings.rank.pspace as ps
     from poolings.bench.common import make_sequences
 
-    monkeypatch.setattr(ps, "combine_wide", lambda cols, V: torch.bmm(cols.to(V.dtype), V).double())
+    monkeypatch.setattr(ps, "combine_long", lambda cols, V: torch.bmm(cols.to(V.dtype), V).double())
     V = make_sequences(4, 8000, 512, kind="walk", seed=0, dtype=torch.float32, device="cpu")[3:4].contiguous()
     mask = torch.ones(1, 8000, dtype=torch.bool)
     sol = rank_pool_solve(V, mask, 1.0, 0.1, method="pspace")

@@ -137,7 +137,8 @@ def rank_pool_solve(
     return sol
 
 
-def _finish_in_float64(sol: Solution, V: Tensor, mask: Tensor, C: float, eps: float, method: str, **options: Any) -> None:
+def _finish_in_float64(sol: Solution, V: Tensor, mask: Tensor, C: float, eps: float, method: str,
+                       **options: Any) -> None:
     """Solve again in float64, one sample at a time, the samples whose float32 (or lower) solve
     did not converge (it ran out of descent, or of iterations, before its stopping test).
 

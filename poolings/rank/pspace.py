@@ -16,8 +16,8 @@ passes over ``V``).
 
 Per iteration: one pass ``Vᵀ[C e, c₁, c₂]`` for the gradient at the current point and the
 right-hand sides of both candidate sets (accumulated in float64 for long videos,
-:func:`combine_wide`: in float32 it set the accuracy of ``u`` there), one pass ``V [u₁, u₂]`` for their
-residuals (in the dtype of ``V``), a
+:func:`combine_long`: in float32 it set the accuracy of ``u`` there), one pass ``V [u₁, u₂]``
+for their residuals (in the dtype of ``V``), a
 Cholesky (``p³/3``) for each sample whose set changed and the ``k p²`` update.
 
 **Backward.** The factor of the last set is ``H⁻¹``'s, so the exact backward is one triangular
@@ -72,14 +72,13 @@ def add_changes_(M: Tensor, Vd: Tensor, w: Tensor, C: float, work: Tensor | None
     return M
 
 
-PASS_CHUNK = 512  # steps of V converted to float64 at a time by combine_wide
-LONG = 512  # from this many steps, combine_wide accumulates in float64
+LONG = 512  # from this many steps combine_long accumulates in float64, casting this many at a time
 
 
-def combine_wide(cols: Tensor, V: Tensor) -> Tensor:
+def combine_long(cols: Tensor, V: Tensor) -> Tensor:
     """``cols @ V`` (``cols (B, k, T)`` float64, ``V (B, T, p)``) → ``(B, k, p)`` float64, accumulated
-    in float64 for ``T ≥`` :data:`LONG` (``V`` read in chunks of :data:`PASS_CHUNK` steps, each cast
-    to float64), else a product in the dtype of ``V``.
+    in float64 for ``T ≥`` :data:`LONG` (``V`` read :data:`LONG` steps at a time, each chunk cast to
+    float64), else a product in the dtype of ``V``.
 
     These products (the gradient ``u − C Vᵀe`` and the right-hand sides ``C V_Aᵀ(y − sε)``) sum
     ``T`` terms whose targets grow to ``T``; accumulated in float32 they set the accuracy of ``u``:
@@ -94,8 +93,8 @@ def combine_wide(cols: Tensor, V: Tensor) -> Tensor:
     if T < LONG:
         return torch.bmm(cols.to(V.dtype), V).to(WD)
     out = cols.new_zeros(B, cols.shape[1], p)
-    for t in range(0, T, PASS_CHUNK):
-        out.baddbmm_(cols[:, :, t : t + PASS_CHUNK], V[:, t : t + PASS_CHUNK].to(WD))
+    for t in range(0, T, LONG):
+        out.baddbmm_(cols[:, :, t : t + LONG], V[:, t : t + LONG].to(WD))
     return out
 
 
@@ -122,7 +121,7 @@ class PSpace(FactoredSpace):
         cols = (self.C * e).unsqueeze(1)
         if S is not None:  # and C V_Aᵀ(y − s ε) of the candidate sets, in the same pass
             cols = torch.cat((cols, (S != 0) * (self.C * (self.y.unsqueeze(1) - S * self.eps))), dim=1)
-        W = combine_wide(cols, self.V)  # (B, 1 + k, p): one pass, accumulated in float64
+        W = combine_long(cols, self.V)  # (B, 1 + k, p): one pass (in float64 for long videos)
         self._rhs_cache = W[:, 1:]
         g = x - W[:, 0]
         scale = u2.clamp_min(0).sqrt() + self.C * (e.abs() * self.norms).sum(-1)

@@ -12,8 +12,8 @@ iteration on NumPy views of a T-space or p-space method's data (:class:`SmallTSp
   factor where a candidate's support is its last set, one factor for two candidates of one
   support), and the same :func:`~poolings.rank.factored.cholesky_` and solves;
 - the same passes: in p-space the gradient and both right-hand sides in one product with
-  ``V`` (:func:`~poolings.rank.pspace.combine_wide`), and both candidates' residuals in another, in the dtype of
-  ``V``;
+  ``V`` (:func:`~poolings.rank.pspace.combine_long`), and both candidates' residuals in another,
+  in the dtype of ``V``;
 - the same moves: a reproduced candidate, else the one with the lower ``f`` if it decreases
   ``f``, else the Newton direction with :func:`~poolings.rank.common.exact_line_search`
   (the same function, on the same float64 data);
@@ -37,7 +37,7 @@ import torch
 from .active_set import ActiveSetResult
 from .common import exact_line_search
 from .factored import SMALL_FLOPS, FactoredSpace, cholesky_, cholesky_solve
-from .pspace import PSpace, combine_wide
+from .pspace import PSpace, combine_long
 from .tspace import TSpace
 
 
@@ -111,10 +111,11 @@ class SmallPSpace:
         self._H = None
 
     def _pass(self, c, transpose):
-        """``Vᵀc`` (``c (B, k, T)`` → ``(B, k, p)``) by :func:`~poolings.rank.pspace.combine_wide`, or, ``transpose``, ``V c`` (``(B, k, p)`` →
-        ``(B, k, T)``), a batched product in the dtype of ``V``; float64 out: one pass."""
+        """``Vᵀc`` (``c (B, k, T)`` → ``(B, k, p)``) by :func:`~poolings.rank.pspace.combine_long`,
+        or, ``transpose``, ``V c`` (``(B, k, p)`` → ``(B, k, T)``), a batched product in the dtype
+        of ``V``; float64 out: one pass."""
         if not transpose:
-            return combine_wide(torch.from_numpy(c), self.Vt).numpy()
+            return combine_long(torch.from_numpy(c), self.Vt).numpy()
         c = torch.from_numpy(c).to(self.Vt.dtype)
         return torch.bmm(c, self.Vt.transpose(1, 2)).to(torch.float64).numpy()
 
