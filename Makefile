@@ -4,19 +4,26 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the compiled part (poolings/rank/_small_kernel.pyx), built in place
+KERNEL := $(VENV)/.kernel
 
 .PHONY: demo test env clean
 
-$(STAMP): pyproject.toml scripts/setup_env.sh
+$(STAMP): pyproject.toml setup.py scripts/setup_env.sh
 	bash scripts/setup_env.sh
-	touch $(STAMP)
+	touch $(STAMP) $(KERNEL)
 
-env: $(STAMP)
+# rebuilt when its source changes after the environment was made
+$(KERNEL): poolings/rank/_small_kernel.pyx | $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(KERNEL)
 
-demo: $(STAMP)
+env: $(KERNEL)
+
+demo: $(KERNEL)
 	$(BIN)/argminlayers demo --out runs/demo --overwrite
 
-test: $(STAMP)
+test: $(KERNEL)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:

@@ -143,7 +143,8 @@ def test_hard_regimes_converge_in_few_iterations(case, method, monkeypatch):
 
     searches = []
     original = active_set.exact_line_search
-    for module in (active_set, small):  # the general iteration and the small problems' one
+    monkeypatch.setattr(small, "COMPILED", False)  # the kernel's own line search: test_rank_small.py
+    for module in (active_set, small):  # the general iteration and the small problems' NumPy one
         monkeypatch.setattr(module, "exact_line_search", lambda *a, **k: (searches.append(1), original(*a, **k))[1])
     g = torch.Generator().manual_seed(31)
     if case == "relu":

@@ -31,6 +31,9 @@ exactly zero and they are never active. Problems qualify by :func:`is_small_nump
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -159,12 +162,47 @@ def _keep(cache: np.ndarray, cache_set: np.ndarray, H: np.ndarray, rows: np.ndar
     cache[rows[fresh]], cache_set[rows[fresh]] = H[new[fresh]], sets[fresh]
 
 
+def _kernel():
+    """The compiled iteration (:mod:`poolings.rank._small_kernel`), imported on first use; ``None``
+    where the package was installed without it (no C compiler), or where it is older than its
+    source (a checkout that changed ``_small_kernel.pyx`` since the build: said once, and the
+    NumPy iteration runs until ``make env`` or ``pip install -e .`` rebuilds it)."""
+    global _KERNEL
+    if _KERNEL is False:
+        try:
+            from . import _small_kernel
+        except ImportError:
+            _KERNEL = None
+        else:
+            _KERNEL = None if _stale(_small_kernel.__file__) else _small_kernel
+    return _KERNEL
+
+
+def _stale(built: str) -> bool:
+    source = Path(__file__).with_name("_small_kernel.pyx")
+    if source.exists() and source.stat().st_mtime > Path(built).stat().st_mtime:
+        warnings.warn(f"{built} is older than its source {source.name}: rebuild it with `make env` (or "
+                      f"`pip install -e .`); rank pooling's small problems run the NumPy iteration meanwhile",
+                      RuntimeWarning, stacklevel=3)
+        return True
+    return False
+
+
+_KERNEL = False
+COMPILED = True  # use the compiled iteration where it is available (False: always NumPy)
+
+
 def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check_tol: float,
-                max_iter: int, step_floor: float = 0.0) -> ActiveSetResult | None:
+                max_iter: int, step_floor: float = 0.0, compiled: bool | None = None) -> ActiveSetResult | None:
     """The active-set iteration on ``space`` (a :class:`~poolings.rank.tspace.TSpace` or
-    :class:`~poolings.rank.pspace.PSpace` on the CPU) in NumPy; ``None`` where a candidate matrix
-    could not be factorised (the caller then runs the general iteration, which reports it).
-    ``step_floor``: as in :func:`~poolings.rank.active_set.active_set_solve`."""
+    :class:`~poolings.rank.pspace.PSpace` on the CPU): compiled where the extension is built
+    (:func:`compiled_solve`), else in NumPy; ``None`` where a candidate matrix could not be
+    factorised (the caller then runs the general iteration, which reports it).
+    ``step_floor``: as in :func:`~poolings.rank.active_set.active_set_solve`; ``compiled``:
+    ``None`` (default: :data:`COMPILED`), ``True`` or ``False`` (the NumPy iteration)."""
+    compiled = COMPILED if compiled is None else compiled
+    if compiled and _kernel() is not None and (isinstance(space, TSpace) or space.V.dtype in _KERNEL_DTYPES):
+        return compiled_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter, step_floor=step_floor)
     sp = SmallTSpace(space) if isinstance(space, TSpace) else SmallPSpace(space)
     y, norms = space.y.numpy(), space.norms.numpy()  # (B, T) float64 each
     B, T = y.shape
@@ -276,3 +314,35 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
     sgn = torch.from_numpy(_signs(r, eps))
     return ActiveSetResult(torch.from_numpy(x), torch.from_numpy(r), sgn != 0, sgn, torch.from_numpy(done),
                            torch.from_numpy(iters), torch.from_numpy(gnorm))
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def compiled_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check_tol: float,
+                   max_iter: int, step_floor: float = 0.0) -> ActiveSetResult | None:
+    """:func:`small_solve`'s iteration in :mod:`poolings.rank._small_kernel`: each sample alone,
+    with BLAS and LAPACK called directly (the same sets, moves, passes and stopping rule), leaving
+    the same factor cache (and, in p-space, ``M``) for the backward pass."""
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("poolings.rank._small_kernel is not built (pip install -e . builds it)")
+    as_u8 = lambda t: t.numpy().view(np.uint8)  # noqa: E731 - bool tensors, shared memory
+    mask = as_u8(space.mask)
+    cache, cache_set = space._cache().numpy(), as_u8(space.factor_set)
+    y, norms = np.ascontiguousarray(space.y.numpy()), np.ascontiguousarray(space.norms.numpy())
+    if isinstance(space, TSpace):
+        out = kernel.solve(np.ascontiguousarray(space.K.numpy()), None, np.zeros((1, 1, 1)),
+                           np.zeros((1, 1), np.uint8), y, norms, mask, C, eps, tol, check_tol, max_iter,
+                           step_floor, cache, cache_set)
+    else:
+        M_set = as_u8(space.M_set)
+        M_set &= mask  # padded steps are zero: leaving M's set changes nothing
+        out = kernel.solve(None, np.ascontiguousarray(space.V.detach().numpy()), space.M.numpy(), M_set, y, norms,
+                           mask, C, eps, tol, check_tol, max_iter, step_floor, cache, cache_set)
+    if out is None:
+        return None
+    x, r, done, iters, gnorm, factored = (torch.from_numpy(z) for z in out)
+    space.has_factor |= factored
+    sgn = torch.from_numpy(_signs(r.numpy(), eps))
+    return ActiveSetResult(x, r, sgn != 0, sgn, done, iters, gnorm)
