@@ -214,6 +214,8 @@ class LowRankHessian(HessianOperator):
             unchanged (e.g. rank pooling's ``a_t = √C 1_A(t) v_t``) instead of a scaled copy.
         capacitance_factor: optional lower Cholesky factor ``(B, n, n)`` of the capacitance
             matrix ``I + B D⁻¹ Aᵀ`` (scaled rows), when the forward pass has already factorised it.
+        positive_diagonal: the objective guarantees ``d > 0`` (e.g. ``d = 1``): the strategies
+            skip their check of ``d`` (three operations per call, each a device sync on a GPU).
 
     Every product reads ``A`` (and ``B``) once and never materialises a scaled copy,
     except :meth:`rows`, which the Sherman–Morrison strategy needs.
@@ -227,6 +229,7 @@ class LowRankHessian(HessianOperator):
         *,
         row_scale: Tensor | None = None,
         capacitance_factor: Tensor | None = None,
+        positive_diagonal: bool = False,
     ):
         B, q = d.shape
         super().__init__(B, q, d.dtype, d.device)
@@ -238,6 +241,15 @@ class LowRankHessian(HessianOperator):
             raise ValueError(f"row_scale must have shape (B, n) = {tuple(A.shape[:2])}, got {tuple(row_scale.shape)}")
         self.d, self.A, self.Bm, self.row_scale = d, A, Bm, row_scale
         self.capacitance_factor = capacitance_factor
+        self.positive_diagonal = positive_diagonal
+
+    def diagonal_nonzero(self) -> bool:
+        """Whether every ``d`` is non-zero (what Woodbury and Sherman–Morrison divide by)."""
+        return self.positive_diagonal or bool((self.d != 0).all())
+
+    def diagonal_positive(self) -> bool:
+        """Whether every ``d`` is positive."""
+        return self.positive_diagonal or bool((self.d > 0).all())
 
     @property
     def symmetric(self) -> bool:
@@ -306,7 +318,8 @@ class LowRankHessian(HessianOperator):
         if damping == 0:
             return self
         # D changes, so a cached capacitance factor no longer applies.
-        return LowRankHessian(self.d + damping, self.A, self.Bm, row_scale=self.row_scale)
+        return LowRankHessian(self.d + damping, self.A, self.Bm, row_scale=self.row_scale,
+                              positive_diagonal=self.positive_diagonal and damping > 0)
 
 
 class _ShiftedHessian(HessianOperator):

@@ -158,6 +158,9 @@ class Objective(nn.Module):
         uses_mask: whether :meth:`f` takes a mask (a function of ``(v, u)`` alone cannot
             ignore padded steps).
         sequence: whether ``V`` must be ``(B, T, p)`` (checked, with a clear error).
+        scan_f: whether :meth:`captured_tensors` looks for tensors that require grad in what
+            :meth:`f` reaches through closures and globals (default ``True``). An objective whose
+            ``f`` reads only its own attributes may set ``False`` to spare that walk on every call.
 
     Optional fast path ``solve(V, mask, **inputs) -> Tensor | Solution``: when a subclass
     defines it, the layer uses it instead of a generic solver (unless a solver is named),
@@ -170,6 +173,7 @@ class Objective(nn.Module):
     low_rank_hessian: bool = False
     uses_mask: bool = True
     sequence: bool = False
+    scan_f: bool = True
     solve: Callable[..., Any] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -292,7 +296,8 @@ class Objective(nn.Module):
         what its ``f`` reaches through the globals it names. They get gradients, as parameters do."""
         found = {k: x for k, x in (*self.__dict__.items(), *self._buffers.items())
                  if isinstance(x, Tensor) and x.requires_grad and not isinstance(x, nn.Parameter)}
-        found.update({k: x for k, x in _captured_tensors(type(self).f).items() if k not in found})
+        if self.scan_f:
+            found.update({k: x for k, x in _captured_tensors(type(self).f).items() if k not in found})
         return found
 
     def describe(self) -> str:

@@ -134,7 +134,7 @@ class LogCoshRegression(Objective):
         r = self.targets(mask, V.dtype) - torch.bmm(V, U.unsqueeze(-1)).squeeze(-1)  # (B, T)
         sech = 1.0 / torch.cosh(r.clamp(-350, 350))
         A = math.sqrt(self.C) * (sech * mask).unsqueeze(-1) * V  # (B, T, p)
-        return LowRankHessian(torch.ones_like(U), A)
+        return LowRankHessian(torch.ones_like(U), A, positive_diagonal=True)
 
     def __repr__(self) -> str:
         return f"LogCoshRegression(C={self.C})"

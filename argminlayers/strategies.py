@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .errors import ConvergenceError, ConvergenceWarning, SingularHessianError, StructureError
 from .hessian import HessianOperator, LowRankHessian
-from .linalg import batched_cg, cholesky_or_raise
+from .linalg import all_finite, batched_cg, cholesky_or_raise
 
 _STRATEGIES: dict[str, type["Strategy"]] = {}
 
@@ -127,7 +127,7 @@ def _require_low_rank(hessian: HessianOperator, name: str) -> LowRankHessian:
 
 
 def _check_finite(w: Tensor, name: str) -> Tensor:
-    if not bool(torch.isfinite(w).all()):
+    if not all_finite(w):
         bad = (~torch.isfinite(w).all(-1)).nonzero().flatten().tolist()
         raise SingularHessianError(
             f"backward={name!r} produced non-finite values for samples {bad[:8]}: the Hessian is singular "
@@ -200,7 +200,7 @@ class ShermanMorrison(Strategy):
 
     def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
         lr = _require_low_rank(hessian, self.name)
-        if not bool((lr.d != 0).all()):
+        if not lr.diagonal_nonzero():
             raise SingularHessianError("backward='sherman_morrison' needs a non-zero diagonal D")
         Minv = torch.diag_embed(1.0 / lr.d)  # (B, q, q)
         A, Bm = lr.rows()
@@ -229,7 +229,7 @@ class Woodbury(Strategy):
 
     def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
         lr = _require_low_rank(hessian, self.name)
-        if not bool((lr.d != 0).all()):
+        if not lr.diagonal_nonzero():
             raise SingularHessianError("backward='woodbury' needs a non-zero diagonal D")
         Dinv_g = g / lr.d  # (B, q)
         if lr.rank == 0:
@@ -241,7 +241,7 @@ class Woodbury(Strategy):
     def solve_many(self, hessian: HessianOperator, G: Tensor) -> Tensor:
         """``k`` right-hand sides ``(B, q, k)`` with one factorisation of the capacitance matrix."""
         lr = _require_low_rank(hessian, self.name)
-        if not bool((lr.d != 0).all()):
+        if not lr.diagonal_nonzero():
             raise SingularHessianError("backward='woodbury' needs a non-zero diagonal D")
         Dinv_G = G / lr.d.unsqueeze(-1)  # (B, q, k)
         if lr.rank == 0:
@@ -259,7 +259,7 @@ class Woodbury(Strategy):
         if lr.capacitance_factor is not None:
             return torch.cholesky_solve(Z, lr.capacitance_factor)
         cap = lr.capacitance()  # (B, n, n)
-        if lr.symmetric and bool((lr.d > 0).all()):
+        if lr.symmetric and lr.diagonal_positive():
             return torch.cholesky_solve(Z, cholesky_or_raise(cap, "capacitance matrix I + A D⁻¹ Aᵀ"))
         LU, piv, info = torch.linalg.lu_factor_ex(cap)
         if bool((info > 0).any()):

@@ -318,3 +318,40 @@ def test_default_rule_picks_by_q_and_work(B, T, p, solver, backward):
     sol = layer.solve(V[:, :1])  # a solution object without a dense Hessian in its state
     sol.state = None
     assert layer.pick_strategy(problem, sol).name == backward
+
+
+def test_all_finite():
+    """One reduction decides; an overflowing sum of finite entries falls back to the exact test."""
+    from argminlayers.linalg import all_finite
+
+    x = torch.randn(3, 4, dtype=torch.float32)
+    assert all_finite(x) and all_finite(x.requires_grad_(True)) and all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.detach().clone()
+        y[1, 2] = bad
+        assert not all_finite(y)
+    big = torch.full((4,), 3e38, dtype=torch.float32)  # finite entries whose float32 sum overflows
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    both = torch.tensor([float("inf"), float("-inf")])  # the sum is NaN: still refused
+    assert not all_finite(both)
+
+
+def test_positive_diagonal_declared():
+    """``positive_diagonal=True`` skips the strategies' check of d, gives the same solve, and
+    survives damping (λ > 0 keeps d positive); undeclared, a zero d is refused."""
+    from argminlayers import LowRankHessian, SingularHessianError
+    from argminlayers.strategies import ShermanMorrison, Woodbury
+
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(2, 3, 4, generator=g, dtype=DT)
+    x = torch.randn(2, 4, generator=g, dtype=DT)
+    d = torch.ones(2, 4, dtype=DT)
+    declared, plain = LowRankHessian(d, A, positive_diagonal=True), LowRankHessian(d, A)
+    assert not plain.positive_diagonal
+    for strategy in (Woodbury(), ShermanMorrison()):
+        torch.testing.assert_close(strategy.solve(declared, x), strategy.solve(plain, x), rtol=0, atol=0)
+    assert declared.shifted(0.5).positive_diagonal and declared.shifted(0) is declared
+    zero = d.clone()
+    zero[1, 0] = 0
+    with pytest.raises(SingularHessianError, match="non-zero diagonal"):
+        Woodbury().solve(LowRankHessian(zero, A), x)

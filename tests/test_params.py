@@ -618,3 +618,22 @@ def test_tensor_attribute_of_an_objective_gets_its_gradient():
     V = data()
     a = torch.tensor(0.3, dtype=DT, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: ArgminLayer(Scaled(a.exp()))(V), (a,))
+
+
+def test_scan_f_false_skips_the_walk_of_f():
+    """``scan_f = False``: an objective that promises that its ``f`` reads only its own attributes
+    is not walked for captured tensors (its own attributes still are)."""
+    hidden = torch.tensor(1.0, dtype=DT, requires_grad=True)
+
+    class Walked(Objective):
+        def f(self, v, u, mask):
+            return (hidden * ((u - v) ** 2).sum(-1) * mask).sum()
+
+    class Promised(Walked):
+        scan_f = False
+
+    assert list(Walked().captured_tensors()) == ["hidden"]
+    promised = Promised()
+    assert promised.captured_tensors() == {}
+    promised.s = torch.tensor(2.0, dtype=DT, requires_grad=True)  # a plain tensor attribute
+    assert list(promised.captured_tensors()) == ["s"]

@@ -27,6 +27,7 @@ A method is left out when its ``(B, n, n)`` float64 buffers (about four of them)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,13 @@ def choose_method(B: int, T: int, p: int, dtype: torch.dtype = torch.float32,
     """The method with the least predicted time among those whose buffers fit ``memory_limit``
     (bytes; ``None``: :func:`default_memory_limit`). ``cg`` always fits."""
     limit = default_memory_limit(device) if memory_limit is None else memory_limit
+    return _cheapest(B, T, p, dtype, str(torch.device(device)), limit)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cheapest(B: int, T: int, p: int, dtype: torch.dtype, device: str, limit: int) -> str:
+    """:func:`choose_method`'s pick, kept per size (the model is a pure function of its arguments;
+    evaluating it took about 40 µs a call, a tenth of a small layer call's Python)."""
     costs = method_costs(B, T, p, dtype, device)
     fits = [c for c in costs.values() if c.bytes <= limit or c.method == "cg"]
     return min(fits, key=lambda c: c.seconds).method

@@ -209,6 +209,7 @@ class RankPoolObjective(Objective):
 
     low_rank_hessian = True
     sequence = True
+    scan_f = False  # f reads C and eps from the module, and only functions from its globals
 
     def __init__(self, C: float = 1.0, eps: float = 0.1, *, method: str = "auto", tol: float = 1e-10,
                  check_tol: float = 1e-6, max_iter: int = 50):
@@ -311,12 +312,13 @@ class RankPoolObjective(Objective):
         if isinstance(state, RankPoolState) and state.method == "pspace":
             B, p = U.shape
             eye = torch.eye(p, dtype=U.dtype, device=U.device).expand(B, p, p)
-            return LowRankHessian(ones, eye, state.gram, capacitance_factor=state.factor)
+            return LowRankHessian(ones, eye, state.gram, capacitance_factor=state.factor, positive_diagonal=True)
         scale = self.C**0.5 * active.to(V.dtype)  # (B, T): rows √C v_t on A, no copy of V
         if isinstance(state, RankPoolState) and state.method == "cg":
-            return PreconditionedHessian(ones, V, row_scale=scale, preconditioner=state.preconditioner)
+            return PreconditionedHessian(ones, V, row_scale=scale, preconditioner=state.preconditioner,
+                                         positive_diagonal=True)
         factor = state.factor if isinstance(state, RankPoolState) else None
-        return LowRankHessian(ones, V, row_scale=scale, capacitance_factor=factor)
+        return LowRankHessian(ones, V, row_scale=scale, capacitance_factor=factor, positive_diagonal=True)
 
     def vjp_v(self, V: Tensor, U: Tensor, mask: Tensor, W: Tensor, state: Any = None) -> Tensor:
         """``∂/∂v_t [wᵀ∇_u f] = −C (e_t w − (wᵀv_t) u)`` on ``A``, 0 elsewhere; ``(B, T, p)``.
