@@ -13,9 +13,13 @@ $(STAMP): pyproject.toml setup.py scripts/setup_env.sh
 	bash scripts/setup_env.sh
 	touch $(STAMP) $(KERNEL)
 
-# rebuilt when its source changes after the environment was made
+# rebuilt when its source changes after the environment was made (not again right after
+# setup_env.sh, whose editable install has just built it)
 $(KERNEL): poolings/rank/_small_kernel.pyx | $(STAMP)
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	@if [ -z "$$(find poolings/rank -name '_small_kernel*.so' -newer poolings/rank/_small_kernel.pyx)" ]; then \
+		echo "building poolings/rank/_small_kernel"; \
+		$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .; \
+	fi
 	touch $(KERNEL)
 
 env: $(KERNEL)
