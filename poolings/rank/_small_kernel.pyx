@@ -507,6 +507,12 @@ def solve(object K, object V, double[:, :, ::1] M, unsigned char[:, ::1] M_set, 
     cdef const double[:, :, ::1] Vd
     cdef Space sp
     cdef Work w
+    cdef Py_ssize_t m_ = K.shape[2] if K is not None else V.shape[2]
+    if 16 * (y.shape[1] * m_ + y.shape[1] + m_ * m_) + 1024 * m_ >= 2**31 - 1:  # as small.kernel_fits
+        raise ValueError(f"rank pooling's compiled iteration indexes in C int: T = {y.shape[1]}, n = {m_} is too "
+                         "large (small.kernel_fits sends such samples to the NumPy iteration)")
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     cdef int B = y.shape[0], T = y.shape[1], n, p, b, failed = 0
     if K is not None:
         Kv = K

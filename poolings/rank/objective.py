@@ -100,6 +100,9 @@ def rank_pool_solve(
         :class:`RankPoolState`.
     """
     method = check_method(method)
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    mask = mask.contiguous()  # the compiled iteration reads it (and sets made like it) as C arrays
     if method == "auto":
         method = choose_method(*V.shape, dtype=V.dtype, device=V.device)
     asked = {"tol": tol, "check_tol": check_tol, "max_iter": max_iter}
