@@ -160,7 +160,8 @@ class Objective(nn.Module):
         sequence: whether ``V`` must be ``(B, T, p)`` (checked, with a clear error).
         scan_f: whether :meth:`captured_tensors` looks for tensors that require grad in what
             :meth:`f` reaches through closures and globals (default ``True``). An objective whose
-            ``f`` reads only its own attributes may set ``False`` to spare that walk on every call.
+            ``f`` reads only its own attributes may set ``False`` to spare that walk on every call;
+            a subclass that defines its own ``f`` is walked again unless it sets ``False`` itself.
 
     Optional fast path ``solve(V, mask, **inputs) -> Tensor | Solution``: when a subclass
     defines it, the layer uses it instead of a generic solver (unless a solver is named),
@@ -178,6 +179,8 @@ class Objective(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "f" in cls.__dict__ and "scan_f" not in cls.__dict__:
+            cls.scan_f = True  # a new f is walked unless its own class promises otherwise
         init = cls.__dict__.get("__init__")
         if init is None or getattr(init, "_initialises_module", False):
             return

@@ -637,3 +637,9 @@ def test_scan_f_false_skips_the_walk_of_f():
     assert promised.captured_tensors() == {}
     promised.s = torch.tensor(2.0, dtype=DT, requires_grad=True)  # a plain tensor attribute
     assert list(promised.captured_tensors()) == ["s"]
+
+    class NewF(Promised):  # its own f, no promise of its own: walked again
+        def f(self, v, u, mask):
+            return (2 * hidden * ((u - v) ** 2).sum(-1) * mask).sum()
+
+    assert NewF.scan_f and list(NewF().captured_tensors()) == ["hidden"]

@@ -492,6 +492,14 @@ cdef inline void _keep(Space *sp, double *cache, unsigned char *cache_set, const
             sp.M_set[t] = S[t] != 0
 
 
+def fits(Py_ssize_t T, Py_ssize_t n, bint tspace):
+    """Whether one sample's workspace (``T`` steps, ``n × n`` systems) can be indexed in C ``int``:
+    with room to spare, ``16 (T·m + T + n²) + 1024 n`` below ``2³¹`` (``m`` = ``T`` in T-space,
+    ``p`` in p-space)."""
+    cdef Py_ssize_t m = T if tspace else n
+    return 16 * (T * m + T + n * n) + 1024 * n < 2**31 - 1
+
+
 def solve(object K, object V, double[:, :, ::1] M, unsigned char[:, ::1] M_set, const double[:, ::1] y,
           const double[:, ::1] norms, const unsigned char[:, ::1] mask, double C, double eps, double tol,
           double check_tol, int max_iter, double step_floor, double[:, :, ::1] cache,
@@ -507,10 +515,10 @@ def solve(object K, object V, double[:, :, ::1] M, unsigned char[:, ::1] M_set, 
     cdef const double[:, :, ::1] Vd
     cdef Space sp
     cdef Work w
-    cdef Py_ssize_t m_ = K.shape[2] if K is not None else V.shape[2]
-    if 16 * (y.shape[1] * m_ + y.shape[1] + m_ * m_) + 1024 * m_ >= 2**31 - 1:  # as small.kernel_fits
-        raise ValueError(f"rank pooling's compiled iteration indexes in C int: T = {y.shape[1]}, n = {m_} is too "
-                         "large (small.kernel_fits sends such samples to the NumPy iteration)")
+    cdef Py_ssize_t n_ = K.shape[2] if K is not None else V.shape[2]
+    if not fits(y.shape[1], n_, K is not None):
+        raise ValueError(f"rank pooling's compiled iteration indexes in C int: T = {y.shape[1]}, n = {n_} is too "
+                         "large (small_solve sends such samples to the NumPy iteration)")
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     cdef int B = y.shape[0], T = y.shape[1], n, p, b, failed = 0

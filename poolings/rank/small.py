@@ -212,10 +212,11 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
     factorised (the caller then runs the general iteration, which reports it).
     ``step_floor``: as in :func:`~poolings.rank.active_set.active_set_solve`; ``compiled``:
     ``None`` (default: :data:`COMPILED`), ``True`` or ``False`` (the NumPy iteration)."""
-    compiled = COMPILED if compiled is None else compiled
     tspace = isinstance(space, TSpace)
-    if (compiled and _kernel() is not None and (tspace or space.V.dtype in _KERNEL_DTYPES)
-            and kernel_fits(space.y.shape[1], space.n, tspace)):
+    kernel = _kernel() if (COMPILED if compiled is None else compiled) else None
+    # a sample too large to index in C int (kernel.fits) runs the NumPy iteration
+    if (kernel is not None and (tspace or space.V.dtype in _KERNEL_DTYPES)
+            and kernel.fits(space.y.shape[1], space.n, tspace)):
         return compiled_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter, step_floor=step_floor)
     sp = SmallTSpace(space) if isinstance(space, TSpace) else SmallPSpace(space)
     y, norms = space.y.numpy(), space.norms.numpy()  # (B, T) float64 each
@@ -331,15 +332,6 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
-INT32 = 2**31 - 1
-
-
-def kernel_fits(T: int, n: int, tspace: bool) -> bool:
-    """Whether the compiled iteration can index one sample's workspace (``T`` steps, ``n × n``
-    systems) in C ``int``: with room to spare, ``16 (T·m + T + n²) + 1024 n`` below ``2³¹``
-    (``m`` = ``T`` in T-space, ``p`` in p-space). Larger samples run the NumPy iteration."""
-    m = T if tspace else n
-    return 16 * (T * m + T + n * n) + 1024 * n < INT32
 
 
 def compiled_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check_tol: float,
