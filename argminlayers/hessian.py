@@ -214,6 +214,11 @@ class LowRankHessian(HessianOperator):
             unchanged (e.g. rank pooling's ``a_t = √C 1_A(t) v_t``) instead of a scaled copy.
         capacitance_factor: optional lower Cholesky factor ``(B, n, n)`` of the capacitance
             matrix ``I + B D⁻¹ Aᵀ`` (scaled rows), when the forward pass has already factorised it.
+        factor: optional lower Cholesky factor ``(B, q, q)`` of ``H`` itself, when the forward
+            pass has it (a ``q × q`` Newton system): ``woodbury`` and ``dense`` then solve with it
+            directly, one triangular solve pair, where the Woodbury identity would cancel
+            (``D⁻¹g − D⁻¹Aᵀ(…)`` loses ``‖AᵀB‖/‖D‖`` of the precision when the low-rank terms
+            dominate ``D``).
         positive_diagonal: the objective guarantees ``d > 0`` (e.g. ``d = 1``): the strategies
             skip their check of ``d`` (three operations per call, each a device sync on a GPU).
 
@@ -229,6 +234,7 @@ class LowRankHessian(HessianOperator):
         *,
         row_scale: Tensor | None = None,
         capacitance_factor: Tensor | None = None,
+        factor: Tensor | None = None,
         positive_diagonal: bool = False,
     ):
         B, q = d.shape
@@ -240,7 +246,9 @@ class LowRankHessian(HessianOperator):
         if row_scale is not None and row_scale.shape != A.shape[:2]:
             raise ValueError(f"row_scale must have shape (B, n) = {tuple(A.shape[:2])}, got {tuple(row_scale.shape)}")
         self.d, self.A, self.Bm, self.row_scale = d, A, Bm, row_scale
-        self.capacitance_factor = capacitance_factor
+        if factor is not None and factor.shape != (B, q, q):
+            raise ValueError(f"factor must have shape (B, q, q) = ({B}, {q}, {q}), got {tuple(factor.shape)}")
+        self.capacitance_factor, self.factor = capacitance_factor, factor
         self.positive_diagonal = positive_diagonal
 
     def diagonal_nonzero(self) -> bool:
@@ -317,7 +325,7 @@ class LowRankHessian(HessianOperator):
     def shifted(self, damping: float) -> HessianOperator:
         if damping == 0:
             return self
-        # D changes, so a cached capacitance factor no longer applies.
+        # D changes, so a cached factor (of H or of its capacitance matrix) no longer applies.
         return LowRankHessian(self.d + damping, self.A, self.Bm, row_scale=self.row_scale,
                               positive_diagonal=self.positive_diagonal and damping > 0)
 

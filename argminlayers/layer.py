@@ -533,7 +533,7 @@ class ArgminLayer(nn.Module):
                             {k: x.detach() for k, x in problem.inputs.items()}, problem.q_shape)
             H0 = fixed.linearize(U.detach(), sol.state).hessian.shifted(self.damping)
             with torch.no_grad():
-                W0 = strategy.solve(H0, g.detach())
+                W0 = strategy.solve(H0, g.detach().to(H0.dtype)).to(g.dtype)
             lin = problem.linearize(U, None, create_graph=True)
             residual = lin.hessian.shifted(self.damping).matvec(W0) - g
             W = W0 - _Solve.apply(strategy, H0, residual)
@@ -550,7 +550,10 @@ class ArgminLayer(nn.Module):
         H = lin.hessian
         if getattr(st, "hessian", None) is not None and not lin._own_hessian:
             H = st.hessian  # the forward's dense Hessian at this point, already factorised
-        return strategy.solve(H.shifted(self.damping), g), lin
+        H = H.shifted(self.damping)
+        # in the operator's dtype: an objective whose forward factorised in float64 (rank pooling)
+        # hands over a float64 operator for float32 data, and w stays float64 for its mixed product
+        return strategy.solve(H, g.to(H.dtype)), lin
 
     def implicit_tangent(self, problem: Problem, sol: Solution, tangents: dict[str, Tensor]) -> Tensor:
         """Forward mode: ``u̇ = −H⁻¹ Σ_x (∂∇_u f/∂x) ẋ`` for the named tangents (``"V"`` and keyword
@@ -587,7 +590,7 @@ class ArgminLayer(nn.Module):
             return torch.zeros_like(U)
         with _damping_hint(self.damping):
             W, _ = self._inverse(problem, sol, self.pick_strategy(problem, sol), mixed)
-        return -W
+        return -W.to(U.dtype)
 
 
 _HINTS = {
@@ -980,9 +983,9 @@ class _Solve(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, strategy: Strategy, H: Any, x: Tensor) -> Tensor:
         ctx.strategy, ctx.H = strategy, H
-        return strategy.solve(H, x)
+        return strategy.solve(H, x.to(H.dtype)).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
         with torch.no_grad():
-            return None, None, ctx.strategy.solve(ctx.H, grad)
+            return None, None, ctx.strategy.solve(ctx.H, grad.to(ctx.H.dtype)).to(grad.dtype)

@@ -655,6 +655,6 @@ class Linearization:
                 out.update({k: None for k in rest})
             else:
                 with torch.enable_grad():
-                    grads = vjp(G, tuple(rest.values()), Wq, create_graph=self.create_graph)
+                    grads = vjp(G, tuple(rest.values()), Wq.to(G.dtype), create_graph=self.create_graph)
                 out.update(zip(rest, grads))
         return out

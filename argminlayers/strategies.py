@@ -222,13 +222,18 @@ class Woodbury(Strategy):
 
     Cost ``O(n² q + n³)`` per sample, or ``O(n q + n²)`` when the objective hands over
     the capacitance matrix already factorised (``LowRankHessian.capacitance_factor``),
-    as the rank-pool forward pass does. Exact. Needs the low-rank structure.
+    as the rank-pool forward pass does. Where it hands over the factor of ``H`` itself
+    (``LowRankHessian.factor``), ``w`` is solved with that, ``O(q²)``: the identity would
+    subtract two terms of size ``‖g‖/d`` to leave ``w``, which loses the precision of every
+    direction the low-rank terms dominate. Exact. Needs the low-rank structure.
     """
 
     needs_low_rank = True
 
     def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
         lr = _require_low_rank(hessian, self.name)
+        if lr.factor is not None:
+            return _check_finite(torch.cholesky_solve(g.unsqueeze(-1), lr.factor).squeeze(-1), self.name)
         if not lr.diagonal_nonzero():
             raise SingularHessianError("backward='woodbury' needs a non-zero diagonal D")
         Dinv_g = g / lr.d  # (B, q)
@@ -241,6 +246,8 @@ class Woodbury(Strategy):
     def solve_many(self, hessian: HessianOperator, G: Tensor) -> Tensor:
         """``k`` right-hand sides ``(B, q, k)`` with one factorisation of the capacitance matrix."""
         lr = _require_low_rank(hessian, self.name)
+        if lr.factor is not None:
+            return _check_finite(torch.cholesky_solve(G, lr.factor), self.name)
         if not lr.diagonal_nonzero():
             raise SingularHessianError("backward='woodbury' needs a non-zero diagonal D")
         Dinv_G = G / lr.d.unsqueeze(-1)  # (B, q, k)
