@@ -528,16 +528,18 @@ class ArgminLayer(nn.Module):
         U = sol.u.reshape(B, -1)
         if not create_graph:
             W, lin = self._inverse(problem, sol, strategy, g)
-        else:
-            fixed = Problem(problem.objective, problem.V.detach(), problem.mask,
-                            {k: x.detach() for k, x in problem.inputs.items()}, problem.q_shape)
-            H0 = fixed.linearize(U.detach(), sol.state).hessian.shifted(self.damping)
-            with torch.no_grad():
-                W0 = strategy.solve(H0, g.detach().to(H0.dtype)).to(g.dtype)
-            lin = problem.linearize(U, None, create_graph=True)
-            residual = lin.hessian.shifted(self.damping).matvec(W0) - g
-            W = W0 - _Solve.apply(strategy, H0, residual)
-        return lin.vjp(-W, wrt)  # −∂/∂x[wᵀ∇f] = ∂/∂x[(−w)ᵀ∇f]: the sign on (B, q), not on each gradient
+            return lin.vjp(-W, wrt)  # −∂/∂x[wᵀ∇f] = ∂/∂x[(−w)ᵀ∇f]: the sign on (B, q), not on each gradient
+        problem, U, wrt, back = _widened(problem, sol, U, wrt)
+        g = g.to(U.dtype)
+        fixed = Problem(problem.objective, problem.V.detach(), problem.mask,
+                        {k: x.detach() for k, x in problem.inputs.items()}, problem.q_shape)
+        H0 = fixed.linearize(U.detach(), sol.state).hessian.shifted(self.damping)
+        with torch.no_grad():
+            W0 = strategy.solve(H0, g.detach().to(H0.dtype)).to(g.dtype)
+        lin = problem.linearize(U, None, create_graph=True)
+        residual = lin.hessian.shifted(self.damping).matvec(W0) - g
+        W = W0 - _Solve.apply(strategy, H0, residual)
+        return back(lin.vjp(-W, wrt))
 
     def _inverse(self, problem: Problem, sol: Solution, strategy: Strategy, g: Tensor) -> tuple[Tensor, Linearization]:
         """``(H⁻¹ g, linearization at u*)``, flat ``(B, q)``: the forward's record and factorised
@@ -572,11 +574,12 @@ class ArgminLayer(nn.Module):
             leaves = {"V": V, **inputs}
             wrt = {k: leaves[k] for k in tangents}
             prob = Problem(problem.objective, V, problem.mask, inputs, problem.q_shape)
+            prob, U, wrt, back = _widened(prob, sol, U, wrt)
             lin = prob.linearize(U, None, create_graph=True)
             # any Z will do (the products are linear in it); a nonzero one tells a product that does not
             # depend on x (zero) from one that is not differentiable in Z (a closed form that detaches it)
             Z = torch.ones_like(U, requires_grad=True)
-            parts = lin.vjp(Z, wrt)
+            parts = back(lin.vjp(Z, wrt))
             total = sum((x * tangents[k]).sum() for k, x in parts.items() if x is not None)
             mixed = None
             if isinstance(total, Tensor) and total.requires_grad:
@@ -587,10 +590,10 @@ class ArgminLayer(nn.Module):
                     f"{type(self).__name__}: forward mode differentiates the objective's mixed product "
                     f"(∂/∂x[wᵀ∇_u f]) in w, but {problem.objective.describe()}'s vjp/vjp_v is not differentiable in w "
                     "(it detaches it, or runs under no_grad); write it in differentiable torch operations, or use reverse mode")
-            return torch.zeros_like(U)
+            return torch.zeros_like(U, dtype=sol.u.dtype)
         with _damping_hint(self.damping):
             W, _ = self._inverse(problem, sol, self.pick_strategy(problem, sol), mixed)
-        return -W.to(U.dtype)
+        return -W.to(sol.u.dtype)
 
 
 _HINTS = {
@@ -601,6 +604,33 @@ _HINTS = {
     NOT_STATIONARY: "the solve does not minimise this objective (a constrained problem? declare eq=/ineq=)",
     INFEASIBLE: "check that the constraints can be met together, and the starting point (init=)",
 }
+
+
+def _widened(problem: Problem, sol: Solution, U: Tensor, wrt: dict[str, Tensor]):
+    """``(problem, U, wrt, back)`` for a linearisation that differentiates afresh (double backward,
+    forward mode): where the forward's state is ``wide`` (its solve ran in float64 for data of a
+    lower precision, as rank pooling's does for ill-conditioned samples) the data, the floating
+    keyword inputs and ``U`` are cast to float64 (differentiable casts; ``U`` takes the state's
+    float64 value ``u`` and keeps its own graph), ``wrt`` names the casts, and ``back`` rounds
+    the results to the dtypes of the tensors they are gradients of. Elsewhere, all unchanged."""
+    st = sol.state
+    if not getattr(st, "wide", False) or problem.V.dtype == torch.float64:
+        return problem, U, wrt, lambda grads: grads
+    wide = torch.float64
+    V = problem.V.to(wide)
+    inputs = {k: (x.to(wide) if x.is_floating_point() else x) for k, x in problem.inputs.items()}
+    exact = getattr(st, "u", None)
+    exact = U.detach().to(wide) if exact is None else exact.reshape(U.shape).to(wide)
+    U = U.to(wide) + (exact - U.detach().to(wide))  # the value of u in float64, the graph of U
+    leaves = {"V": V, **inputs}
+    dtypes = {k: x.dtype for k, x in wrt.items()}
+    wrt = {k: leaves.get(k, x) if k in leaves else x for k, x in wrt.items()}
+    prob = Problem(problem.objective, V, problem.mask, inputs, problem.q_shape, problem.constraints)
+
+    def back(grads: dict) -> dict:
+        return {k: (x if x is None or k not in dtypes else x.to(dtypes[k])) for k, x in grads.items()}
+
+    return prob, U, wrt, back
 
 
 def _caller_stacklevel() -> int:

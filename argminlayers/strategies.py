@@ -53,6 +53,10 @@ _STRATEGIES: dict[str, type["Strategy"]] = {}
 class Strategy:
     """Computes ``w = H⁻¹ g`` for a batch. Subclasses implement :meth:`solve`.
 
+    ``w`` is computed in the operator's dtype (``hessian.dtype``): an objective may hand over a
+    float64 operator for float32 data (rank pooling does, for samples too ill-conditioned for
+    float32), and the built-in strategies cast ``g`` to it.
+
     Attributes:
         exact: whether ``w`` is ``H⁻¹ g`` up to rounding (``cg`` is exact to its tolerance).
         needs_low_rank: whether the Hessian must be declared as ``diag(d) + Σ a_i b_iᵀ``.
@@ -153,7 +157,7 @@ class Dense(Strategy):
         L = getattr(hessian, "factor", None)
         if L is None:
             L = cholesky_or_raise(hessian.dense())
-        return _check_finite(torch.cholesky_solve(G, L), self.name)
+        return _check_finite(torch.cholesky_solve(G.to(L.dtype), L), self.name)
 
     def solve_kkt(self, hessian: HessianOperator, jacobian, g: Tensor) -> tuple[Tensor, Tensor]:
         """The full KKT matrix, by LU (:func:`~argminlayers.kkt.dense_kkt_solve`)."""
@@ -210,7 +214,7 @@ class ShermanMorrison(Strategy):
             bM = torch.bmm(b.unsqueeze(1), Minv).squeeze(1)  # (B, q)
             denom = 1.0 + (b * Ma).sum(-1, keepdim=True)  # (B, 1)
             Minv = Minv - torch.bmm(Ma.unsqueeze(-1), (bM / denom).unsqueeze(1))
-        w = torch.bmm(Minv, g.unsqueeze(-1)).squeeze(-1)
+        w = torch.bmm(Minv, g.to(Minv.dtype).unsqueeze(-1)).squeeze(-1)
         return _check_finite(w, self.name)
 
 
@@ -233,7 +237,8 @@ class Woodbury(Strategy):
     def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
         lr = _require_low_rank(hessian, self.name)
         if lr.factor is not None:
-            return _check_finite(torch.cholesky_solve(g.unsqueeze(-1), lr.factor).squeeze(-1), self.name)
+            return _check_finite(torch.cholesky_solve(g.to(lr.factor.dtype).unsqueeze(-1), lr.factor).squeeze(-1),
+                                 self.name)
         if not lr.diagonal_nonzero():
             raise SingularHessianError("backward='woodbury' needs a non-zero diagonal D")
         Dinv_g = g / lr.d  # (B, q)
@@ -247,7 +252,7 @@ class Woodbury(Strategy):
         """``k`` right-hand sides ``(B, q, k)`` with one factorisation of the capacitance matrix."""
         lr = _require_low_rank(hessian, self.name)
         if lr.factor is not None:
-            return _check_finite(torch.cholesky_solve(G, lr.factor), self.name)
+            return _check_finite(torch.cholesky_solve(G.to(lr.factor.dtype), lr.factor), self.name)
         if not lr.diagonal_nonzero():
             raise SingularHessianError("backward='woodbury' needs a non-zero diagonal D")
         Dinv_G = G / lr.d.unsqueeze(-1)  # (B, q, k)
@@ -311,6 +316,7 @@ class CG(Strategy):
         self.preconditioner, self.on_nonconvergence = preconditioner, on_nonconvergence
 
     def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
+        g = g.to(hessian.dtype)
         tol = self.tol if self.tol is not None else (1e-10 if g.dtype == torch.float64 else 1e-5)
         max_iter = self.max_iter if self.max_iter is not None else max(2 * hessian.q, 50)
         precond = None

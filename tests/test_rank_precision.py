@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import argminlayers
 from argminlayers import LowRankHessian, Woodbury
 from poolings.rank import METHODS, RankPool, RankPoolBackward, RankPoolObjective, rank_pool_solve
 from poolings.rank.objective import ILL_CONDITIONED
@@ -37,7 +38,7 @@ def _layer_grad(V, lengths, C, eps, G, **kw):
 
 
 def _rel(a, b):
-    return float((a.double() - b).norm() / b.norm())
+    return float((a.detach().double() - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -124,9 +125,32 @@ def test_low_rank_hessian_refuses_a_factor_of_the_wrong_shape():
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_second_order_and_forward_mode_of_a_redone_batch_run_in_float64(method):
+    """Double backward and forward mode linearise afresh (no state): on a wide batch they do it
+    in float64 at the state's float64 ``u`` (in float32 the first-order gradient under
+    ``create_graph=True`` was 1e-2–1e-1 off and the forward-mode tangent 1.5e-2–2e-1, where the
+    plain backward was 6e-8), and return float32."""
+    pool = RankPool(10.0, 0.1, method=method)
+    V64 = _walk(2, 10, 64, 100.0, seed=8)
+    assert RankPoolObjective(10.0, 0.1, method=method).solve(V64.float(), torch.ones(2, 10, dtype=torch.bool)).state.wide
+    outs = {}
+    for dt in (torch.float32, F64):
+        V = V64.to(dt).requires_grad_(True)
+        (g,) = torch.autograd.grad(pool(V).square().sum(), V, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), V)
+        with torch.autograd.forward_ad.dual_level():
+            out = pool(torch.autograd.forward_ad.make_dual(V.detach(), torch.ones_like(V)))
+            tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
+        assert g.dtype == gg.dtype == tangent.dtype == dt
+        outs[dt] = (g.detach(), gg, tangent)
+    for a, b in zip(outs[torch.float32], outs[F64]):
+        assert _rel(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_float32_second_order_and_forward_mode_stay_float32(method):
-    """The float64 operator of the state does not leak: double backward (which linearises
-    afresh) and forward mode return float32 for float32 frames, and agree with float64."""
+    """Without a redone sample, double backward and forward mode run in float32 and agree with
+    float64 to float32's accuracy there."""
     pool = RankPool(1.0, 0.1, method=method)
     V64 = _walk(2, 10, 4, 2.0, seed=8)
     outs = {}
@@ -141,3 +165,60 @@ def test_float32_second_order_and_forward_mode_stay_float32(method):
         outs[dt] = (g, gg, tangent)
     for a, b in zip(outs[torch.float32], outs[F64]):
         assert _rel(a.detach(), b.detach()) < 1e-3
+
+
+@pytest.mark.parametrize("backward", ["woodbury", "dense", "sherman_morrison", "cg", "diagonal", "auto"])
+@pytest.mark.parametrize("method", METHODS)
+def test_strategies_take_a_float32_g_for_a_float64_operator(method, backward):
+    """A strategy called directly (as the sphere-constrained pooling and the benchmarks do) on a
+    wide state's float64 operator with a float32 ``g`` solves in float64 (the factor path of
+    ``woodbury`` and ``dense`` raised "b and A to have the same dtype")."""
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    V = _walk(2, 12, 6, 100.0, seed=9).float()
+    obj = RankPoolObjective(10.0, 0.1, method=method)
+    sol = obj.solve(V, mask)
+    H = obj.hessian(V, sol.u, mask, sol.state)
+    assert sol.state.wide and H.dtype == F64
+    g = torch.randn(2, 6, generator=torch.Generator().manual_seed(10))
+    strategy = RankPoolBackward() if backward == "auto" else argminlayers.get_strategy(backward)
+    w = strategy.solve(H, g)
+    assert w.dtype == F64
+    if backward != "diagonal":
+        torch.testing.assert_close(w, torch.linalg.solve(H.dense(), g.double()), rtol=1e-6, atol=0)
+
+
+def test_float32_parameter_C_on_a_redone_batch():
+    """A float32 ``nn.Parameter`` C with T-space on a wide batch: the operator's row scale is √C of
+    the float the forward factorised with (``C**0.5`` of the float32 tensor differs from it by its
+    rounding, which Woodbury amplified: dV 4.9e-4 off, dC 4.4e-6, dε 1.4e-4)."""
+    lengths = torch.tensor([20, 14, 9])
+    mask = _mask(lengths, 20)
+    V = _walk(3, 20, 16, 100.0, seed=11) * mask.unsqueeze(-1)
+    G = torch.randn(3, 16, generator=torch.Generator().manual_seed(12), dtype=F64)
+    grads = {}
+    for dt in (torch.float32, F64):
+        C = torch.nn.Parameter(torch.tensor(10.0, dtype=dt))
+        eps = torch.nn.Parameter(torch.tensor(0.1, dtype=dt))
+        X = V.to(dt).requires_grad_(True)
+        U = RankPool(C, eps, method="tspace")(X, lengths)
+        (U * G.to(dt)).sum().backward()
+        grads[dt] = (X.grad, C.grad, eps.grad)
+    for a, b in zip(grads[torch.float32], grads[F64]):
+        assert _rel(a, b) < 1e-6
+
+
+def test_sphere_rank_pool_on_a_redone_batch():
+    """The sphere-constrained rank pooling solves with the rank objective's operator and a
+    float32 ``u``; on a wide p-space batch (T ≫ p) it raised a dtype error."""
+    from poolings import SphereRankPool
+
+    V = _walk(2, 400, 8, 10.0, seed=0)
+    outs = {}
+    for dt in (torch.float32, F64):
+        X = V.to(dt).requires_grad_(True)
+        U = SphereRankPool(10.0, 0.1, radius=5.0)(X)
+        U.sum().backward()
+        outs[dt] = (U.detach(), X.grad)
+    torch.testing.assert_close(outs[torch.float32][0].norm(dim=-1), torch.full((2,), 5.0), rtol=1e-5, atol=0)
+    for a, b in zip(outs[torch.float32], outs[F64]):
+        assert _rel(a, b) < 1e-5

@@ -179,9 +179,10 @@ def _finish_in_float64(sol: Solution, V: Tensor, mask: Tensor, C: float, eps: fl
     (no correct digit) at a bound of ``10²``, a gradient that looked like any other. Where the
     bound is above :data:`ILL_CONDITIONED` the sample is solved in float64, and its backward
     (which runs in float64 from the state, see :class:`RankPoolState`) is then as accurate as
-    float64 gives: 3–6e-8 in those cases. Unit-norm frames with ``C = 1`` reach the bound at
-    ``T ≈ 17 000`` steps (``C = 10``: 1 700); frames of norm 30 (unnormalised CNN features) at
-    ``T ≈ 20``: normalise them (``normalize=True``) to keep the float32 speed.
+    float64 gives: 3–6e-8 in those cases. Unit-norm frames with ``C = 1`` (nearly all steps
+    active) reach the bound at ``T ≈ 8 400`` steps (``C = 10``: 840); frames of norm 30
+    (unnormalised CNN features) at ``T ≈ 10``: normalise them (``normalize=True``) to keep the
+    float32 speed.
 
     Passes over ``V`` in its own dtype measure ``∇_u f = u − C Vᵀe`` only to about ``ε`` times the
     size of its terms, and for long videos of wide frames (``‖u‖`` grows with ``T``) that can sit
@@ -192,7 +193,8 @@ def _finish_in_float64(sol: Solution, V: Tensor, mask: Tensor, C: float, eps: fl
     it cannot reach runs to ``max_iter`` instead.) Their float64 solution (same method,
     tolerances and ``max_iter``) replaces theirs, rounded to the dtype of ``V``, with its state
     (active set, excess, factor, ``M``, and the preconditioner where the shapes agree); its
-    iterations are added. Memory: one sample's ``V`` in float64."""
+    iterations are added. The samples to redo are solved in groups of at most :data:`_REDO_BYTES`
+    of ``V`` in float64 (one sample at a time where one sample is larger)."""
     stuck = ~sol.converged | ill
     if not bool(stuck.any()):
         return
@@ -348,17 +350,18 @@ class RankPoolObjective(Objective):
           matrix itself when it is used;
         - ``pspace``: ``H = I + Σ_{i≤p} e_i m_iᵀ`` (``A = I``, an expanded view, and ``B = M``),
           whose capacitance matrix ``I + M`` is ``H`` itself: the forward's factor of ``H`` is the
-          capacitance factor, and Woodbury returns ``w = g − H⁻¹ M g = H⁻¹ g``;
+          capacitance factor, and also handed over as ``H``'s own factor (see below);
         - ``cg``: the ``tspace`` form without a factor, carrying the forward's preconditioner
           (:class:`PreconditionedHessian`), which ``backward="auto"`` uses.
 
         With a ``wide`` state (:class:`RankPoolState`) the operator is in float64 whatever the
-        dtype of ``V`` (``V`` is cast for ``tspace`` and ``cg``; ``p``-space needs only ``M`` and
-        the factor): the layer's strategy then solves ``H w = g`` in float64.
+        dtype of ``V`` (for ``tspace`` and ``cg`` it holds a float64 copy of all of ``V`` for the
+        backward's duration; ``p``-space needs only ``M`` and the factor): the layer's strategy
+        then solves ``H w = g`` in float64.
         ``p``-space also hands over the factor as that of ``H`` itself (``factor``), so
-        ``woodbury`` solves with it directly instead of by the identity ``w = g − H⁻¹ M g``,
-        whose subtraction loses ``‖M‖`` of the precision (``w`` 1.1e-6 from the explicit solve
-        in float64 where ``C ‖V‖² ≈ 7·10¹⁰``, 3e-15 by the direct one).
+        ``woodbury`` (and ``dense``) solve with it directly instead of by the identity
+        ``w = g − H⁻¹ M g``, whose subtraction loses ``‖M‖`` of the precision (``w`` 1.1e-6 from
+        the explicit solve in float64 where ``C ‖V‖² ≈ 7·10¹⁰``, 3e-15 by the direct one).
         """
         own = isinstance(state, RankPoolState)
         active = state.active if own else signed_active_set(self._residuals(V, U, mask), mask, self.eps)[0]
@@ -370,7 +373,12 @@ class RankPoolObjective(Objective):
                                   positive_diagonal=True)
         if own and state.wide:
             V = V.to(WIDE)
-        scale = self.C**0.5 * active.to(V.dtype)  # (B, T): rows √C v_t on A, no copy of V
+        # rows √C v_t on A, no copy of V. With the forward's state, √C of the value its factor was
+        # built with (a float32 tensor C's own √C differs from it by its rounding, which Woodbury
+        # amplifies: 5e-4 off at 3 × 20 × 16 with frames of norm 100); without, C itself, whose
+        # graph a double backward differentiates
+        root = self.values()[0] ** 0.5 if own else self.C**0.5
+        scale = root * active.to(V.dtype)  # (B, T)
         ones = torch.ones(U.shape, dtype=V.dtype, device=U.device)
         if own and state.method == "cg":
             pre = state.preconditioner
@@ -474,6 +482,7 @@ class RankPoolBackward(Strategy):
         self.woodbury = Woodbury()
 
     def solve(self, hessian, g: Tensor) -> Tensor:
+        g = g.to(hessian.dtype)
         precond = getattr(hessian, "preconditioner", None)
         if precond is None or hessian.low_rank().capacitance_factor is not None:
             return self.woodbury.solve(hessian, g)
