@@ -921,6 +921,12 @@ class _ArgminFunction(torch.autograd.Function):
 _ArgminFunction.forward.__signature__ = inspect.signature(_ArgminFunction.forward)
 
 
+# torch binds the arguments of a Function that has a setup_context on every apply, through
+# inspect.signature of its forward (measured 23 µs of a 640 µs RankPool call at 2 × 50 × 64):
+# the signature, computed once here, is what inspect.signature then returns
+_ArgminFunction.forward.__signature__ = inspect.signature(_ArgminFunction.forward)
+
+
 class _ImplicitPartials:
     """``(V, u, g, inputs…, parameters…, captured…) ↦ −∂/∂x [wᵀ ∇_u f]`` with ``w = H⁻¹ g``, for
     ``x`` ∈ ``(V, inputs…, parameters…, captured…)`` (``None`` where not asked for), holding ``u``

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .linalg import all_finite
+
 
 def check_sequence(V: Tensor, name: str = "V") -> None:
     """``V`` must be a floating tensor of shape ``(B, T, p)`` with ``B, T, p ≥ 1``."""
@@ -123,9 +125,12 @@ def resolve_mask(
         if bool(empty.any()):
             rows = empty.nonzero().flatten().tolist()
             raise ValueError(f"mask has no valid step in rows {rows[:8]}; every sequence needs at least one")
-    # A NaN or Inf anywhere in a step makes its sum non-finite: one read pass over V,
-    # no (B, T, p) temporary. (A finite step whose sum overflows is flagged too; its
-    # values would overflow inside any objective anyway.)
+    # A NaN or Inf anywhere makes the sum non-finite: one read pass over V and one read-back
+    # decide the common case; only then is each step summed, its padded steps left out. (A
+    # finite step whose sum overflows is flagged too; its values would overflow inside any
+    # objective anyway.)
+    if all_finite(V):
+        return mask
     steps = V.reshape(B, T, -1)
     bad = ~torch.isfinite(steps.sum(dim=-1)) & mask
     if bool(bad.any()):
