@@ -126,9 +126,9 @@ def resolve_mask(
             rows = empty.nonzero().flatten().tolist()
             raise ValueError(f"mask has no valid step in rows {rows[:8]}; every sequence needs at least one")
     # A NaN or Inf anywhere makes the sum non-finite: one read pass over V and one read-back
-    # decide the common case; only then is each step summed, its padded steps left out. (A
-    # finite step whose sum overflows is flagged too; its values would overflow inside any
-    # objective anyway.)
+    # decide the common case (all_finite tests each entry where finite entries overflowed the
+    # sum); only then is each step summed, its padded steps left out. (There, a finite step
+    # whose sum overflows is flagged too; its values would overflow inside any objective.)
     if all_finite(V):
         return mask
     steps = V.reshape(B, T, -1)
