@@ -218,6 +218,20 @@ class ShermanMorrison(Strategy):
         return _check_finite(w, self.name)
 
 
+WOODBURY_PRECISION = 1e-3
+"""Bound on ``ε (1 + tr(A D⁻¹ Aᵀ))`` above which :class:`Woodbury` solves a float32 (or lower)
+``H = D + AᵀA`` in float64 (see ``Woodbury._capacitance``)."""
+_WIDEN = object()
+
+
+def _in_float64(lr: LowRankHessian) -> LowRankHessian:
+    """``lr`` cast to float64 (for :class:`Woodbury` to form and solve its capacitance matrix in)."""
+    wide = torch.float64
+    cast = lambda x: None if x is None else x.to(wide)  # noqa: E731
+    return LowRankHessian(cast(lr.d), cast(lr.A), cast(lr.Bm), row_scale=cast(lr.row_scale),
+                          positive_diagonal=lr.positive_diagonal)
+
+
 @register_strategy("woodbury")
 class Woodbury(Strategy):
     """Woodbury identity, solved in the ``n``-space of the low-rank terms:
@@ -229,7 +243,9 @@ class Woodbury(Strategy):
     as the rank-pool forward pass does. Where it hands over the factor of ``H`` itself
     (``LowRankHessian.factor``), ``w`` is solved with that, ``O(q²)``: the identity would
     subtract two terms of size ``‖g‖/d`` to leave ``w``, which loses the precision of every
-    direction the low-rank terms dominate. Exact. Needs the low-rank structure.
+    direction the low-rank terms dominate. A float32 (or lower) symmetric ``H = D + AᵀA`` whose
+    capacitance matrix is too ill-conditioned for the dtype is solved in float64 (see
+    :data:`WOODBURY_PRECISION`). Exact. Needs the low-rank structure.
     """
 
     needs_low_rank = True
@@ -244,7 +260,10 @@ class Woodbury(Strategy):
         Dinv_g = g / lr.d  # (B, q)
         if lr.rank == 0:
             return _check_finite(Dinv_g, self.name)
-        y = self._capacitance_solve(lr, lr.apply_B(Dinv_g).unsqueeze(-1))  # (B, n, 1)
+        cap = self._capacitance(lr)
+        if cap is _WIDEN:
+            return self.solve(_in_float64(lr), g.to(torch.float64)).to(g.dtype)
+        y = self._capacitance_solve(lr, lr.apply_B(Dinv_g).unsqueeze(-1), cap)  # (B, n, 1)
         w = Dinv_g - lr.apply_At(y.squeeze(-1)) / lr.d
         return _check_finite(w, self.name)
 
@@ -258,19 +277,41 @@ class Woodbury(Strategy):
         Dinv_G = G / lr.d.unsqueeze(-1)  # (B, q, k)
         if lr.rank == 0:
             return _check_finite(Dinv_G, self.name)
+        cap = self._capacitance(lr)
+        if cap is _WIDEN:
+            return self.solve_many(_in_float64(lr), G.to(torch.float64)).to(G.dtype)
         s = None if lr.row_scale is None else lr.row_scale.unsqueeze(-1)  # (B, n, 1)
         Z = torch.bmm(lr.right, Dinv_G)  # (B, n, k)
-        Y = self._capacitance_solve(lr, Z if s is None else Z * s)
+        Y = self._capacitance_solve(lr, Z if s is None else Z * s, cap)
         Y = Y if s is None else Y * s
         W = Dinv_G - torch.bmm(lr.A.transpose(1, 2), Y) / lr.d.unsqueeze(-1)
         return _check_finite(W, self.name)
 
     @staticmethod
-    def _capacitance_solve(lr: LowRankHessian, Z: Tensor) -> Tensor:
-        """``(I + B D⁻¹ Aᵀ)⁻¹ Z`` for ``Z: (B, n, k)``, by the forward's factor when there is one."""
+    def _capacitance(lr: LowRankHessian) -> "Tensor | None | object":
+        """The capacitance matrix ``I + B D⁻¹ Aᵀ`` (``None`` where the objective handed over its
+        factor), or :data:`_WIDEN` where it is too ill-conditioned for the dtype: for
+        ``H = D + AᵀA`` with ``D > 0`` its condition number is at most ``1 + tr(A D⁻¹ Aᵀ)``, and
+        where ``ε`` times that exceeds :data:`WOODBURY_PRECISION` the solve runs in float64. (Its
+        factorisation and the identity's subtraction lose about that much of ``w``'s precision,
+        however well conditioned ``H`` is: a float32 :class:`~argminlayers.objectives.LogCoshRegression`,
+        3 × 20 × 8, frames of norm 30–100, ``C = 10``, had its gradient 1.0e-3–1.3e-2 off, and
+        7.2e-5–3.7e-6 in float64, as a dense float32 solve.)"""
+        if lr.capacitance_factor is not None:
+            return None
+        cap = lr.capacitance()  # (B, n, n)
+        if lr.dtype != torch.float64 and lr.symmetric and lr.diagonal_positive():
+            bound = 1 + (cap.diagonal(dim1=-2, dim2=-1).sum(-1) - lr.rank).amax()
+            if float(bound) * torch.finfo(lr.dtype).eps > WOODBURY_PRECISION:
+                return _WIDEN
+        return cap
+
+    @staticmethod
+    def _capacitance_solve(lr: LowRankHessian, Z: Tensor, cap: Tensor | None) -> Tensor:
+        """``(I + B D⁻¹ Aᵀ)⁻¹ Z`` for ``Z: (B, n, k)``, by the forward's factor when there is one
+        (``cap`` is then ``None``)."""
         if lr.capacitance_factor is not None:
             return torch.cholesky_solve(Z, lr.capacitance_factor)
-        cap = lr.capacitance()  # (B, n, n)
         if lr.symmetric and lr.diagonal_positive():
             return torch.cholesky_solve(Z, cholesky_or_raise(cap, "capacitance matrix I + A D⁻¹ Aᵀ"))
         LU, piv, info = torch.linalg.lu_factor_ex(cap)
