@@ -15,6 +15,7 @@ from .errors import (
     ConvergenceWarning,
     DegeneracyWarning,
     DegenerateConstraintError,
+    PrecisionWarning,
     SingularHessianError,
     StructureError,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "available_solvers",
     "ConvergenceWarning",
     "DegeneracyWarning",
+    "PrecisionWarning",
     "DegenerateConstraintError",
     "ConstraintSet",
     "ConstraintJacobian",

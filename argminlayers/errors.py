@@ -50,3 +50,9 @@ class DegenerateConstraintError(RuntimeError):
 class DegeneracyWarning(UserWarning):
     """A constrained solution is degenerate but still has a (one-sided) gradient: an inequality
     is weakly active (``g_i = 0`` with multiplier ``μ_i = 0``). It is then treated as active."""
+
+
+class PrecisionWarning(UserWarning):
+    """A result in the input's dtype is likely inaccurate there and the layer could not compute it
+    in a wider one (e.g. float32 rank pooling of ill-conditioned frames through a generic solver);
+    the message says what to change."""

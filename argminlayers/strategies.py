@@ -181,6 +181,7 @@ class Diagonal(Strategy):
 
     def solve_many(self, hessian: HessianOperator, G: Tensor) -> Tensor:
         d = hessian.diagonal()
+        G = G.to(d.dtype)
         bad = ~(d > 0).all(-1)
         if bool(bad.any()):
             raise SingularHessianError(
@@ -220,7 +221,7 @@ class ShermanMorrison(Strategy):
 
 WOODBURY_PRECISION = 1e-3
 """Bound on ``ε (1 + tr(A D⁻¹ Aᵀ))`` above which :class:`Woodbury` solves a float32 (or lower)
-``H = D + AᵀA`` in float64 (see ``Woodbury._capacitance``)."""
+``H = D + AᵀA`` with more rows than dimensions in float64 (see ``Woodbury._capacitance``)."""
 _WIDEN = object()
 
 
@@ -243,15 +244,16 @@ class Woodbury(Strategy):
     as the rank-pool forward pass does. Where it hands over the factor of ``H`` itself
     (``LowRankHessian.factor``), ``w`` is solved with that, ``O(q²)``: the identity would
     subtract two terms of size ``‖g‖/d`` to leave ``w``, which loses the precision of every
-    direction the low-rank terms dominate. A float32 (or lower) symmetric ``H = D + AᵀA`` whose
-    capacitance matrix is too ill-conditioned for the dtype is solved in float64 (see
-    :data:`WOODBURY_PRECISION`). Exact. Needs the low-rank structure.
+    direction the low-rank terms dominate. A float32 (or lower) symmetric ``H = D + AᵀA`` with
+    more rows than dimensions whose capacitance matrix is too ill-conditioned for the dtype is
+    solved in float64 (see :data:`WOODBURY_PRECISION`). Exact. Needs the low-rank structure.
     """
 
     needs_low_rank = True
 
     def solve(self, hessian: HessianOperator, g: Tensor) -> Tensor:
         lr = _require_low_rank(hessian, self.name)
+        g = g.to(lr.dtype)
         if lr.factor is not None:
             return _check_finite(torch.cholesky_solve(g.to(lr.factor.dtype).unsqueeze(-1), lr.factor).squeeze(-1),
                                  self.name)
@@ -262,7 +264,7 @@ class Woodbury(Strategy):
             return _check_finite(Dinv_g, self.name)
         cap = self._capacitance(lr)
         if cap is _WIDEN:
-            return self.solve(_in_float64(lr), g.to(torch.float64)).to(g.dtype)
+            return self.solve(_in_float64(lr), g.to(torch.float64)).to(lr.dtype)
         y = self._capacitance_solve(lr, lr.apply_B(Dinv_g).unsqueeze(-1), cap)  # (B, n, 1)
         w = Dinv_g - lr.apply_At(y.squeeze(-1)) / lr.d
         return _check_finite(w, self.name)
@@ -270,6 +272,7 @@ class Woodbury(Strategy):
     def solve_many(self, hessian: HessianOperator, G: Tensor) -> Tensor:
         """``k`` right-hand sides ``(B, q, k)`` with one factorisation of the capacitance matrix."""
         lr = _require_low_rank(hessian, self.name)
+        G = G.to(lr.dtype)
         if lr.factor is not None:
             return _check_finite(torch.cholesky_solve(G.to(lr.factor.dtype), lr.factor), self.name)
         if not lr.diagonal_nonzero():
@@ -279,7 +282,7 @@ class Woodbury(Strategy):
             return _check_finite(Dinv_G, self.name)
         cap = self._capacitance(lr)
         if cap is _WIDEN:
-            return self.solve_many(_in_float64(lr), G.to(torch.float64)).to(G.dtype)
+            return self.solve_many(_in_float64(lr), G.to(torch.float64)).to(lr.dtype)
         s = None if lr.row_scale is None else lr.row_scale.unsqueeze(-1)  # (B, n, 1)
         Z = torch.bmm(lr.right, Dinv_G)  # (B, n, k)
         Y = self._capacitance_solve(lr, Z if s is None else Z * s, cap)
@@ -290,21 +293,29 @@ class Woodbury(Strategy):
     @staticmethod
     def _capacitance(lr: LowRankHessian) -> "Tensor | None | object":
         """The capacitance matrix ``I + B D⁻¹ Aᵀ`` (``None`` where the objective handed over its
-        factor), or :data:`_WIDEN` where it is too ill-conditioned for the dtype: for
-        ``H = D + AᵀA`` with ``D > 0`` its condition number is at most ``1 + tr(A D⁻¹ Aᵀ)``, and
-        where ``ε`` times that exceeds :data:`WOODBURY_PRECISION` the solve runs in float64. (Its
-        factorisation and the identity's subtraction lose about that much of ``w``'s precision,
-        however well conditioned ``H`` is: a float32 :class:`~argminlayers.objectives.LogCoshRegression`,
-        3 × 20 × 8, frames of norm 30–100, ``C = 10``, had its gradient 1.0e-3–1.3e-2 off, and
-        7.2e-5–3.7e-6 in float64, as a dense float32 solve.)"""
+        factor), or :data:`_WIDEN` where it is too ill-conditioned for the dtype.
+
+        With more rows than dimensions (``n > q``) its condition number far exceeds ``H``'s, and
+        its factorisation and the identity's subtraction lose about that much of ``w``'s
+        precision however well conditioned ``H`` is: a float32
+        :class:`~argminlayers.objectives.LogCoshRegression` (3 × 20 × 8, frames of norm 30–100,
+        ``C = 10``) had its gradient 1.0e-3–1.3e-2 off, 1e-6–7e-5 in float64 (8 seeds), as a dense
+        float32 solve. (With ``n ≤ q`` the float32 identity measured 1e-7–2e-5 where that
+        condition number was up to 2·10⁶: no widening there.) For ``H = D + AᵀA`` with ``D > 0``
+        the condition number is at most ``1 + tr(A D⁻¹ Aᵀ) = 1 + Σ_i s_i² Σ_j a_ij²/d_j``
+        (``O(nq)``, no ``n × n`` product); where ``ε`` times that exceeds
+        :data:`WOODBURY_PRECISION`, the whole batch is solved in float64."""
         if lr.capacitance_factor is not None:
             return None
-        cap = lr.capacitance()  # (B, n, n)
-        if lr.dtype != torch.float64 and lr.symmetric and lr.diagonal_positive():
-            bound = 1 + (cap.diagonal(dim1=-2, dim2=-1).sum(-1) - lr.rank).amax()
-            if float(bound) * torch.finfo(lr.dtype).eps > WOODBURY_PRECISION:
+        if lr.dtype != torch.float64 and lr.rank > lr.q and lr.symmetric and lr.diagonal_positive():
+            with torch.no_grad():
+                rows = torch.bmm(lr.A.square(), (1 / lr.d).unsqueeze(-1)).squeeze(-1)  # (B, n): Σ_j a_ij²/d_j
+                if lr.row_scale is not None:
+                    rows = rows * lr.row_scale.square()
+                bound = 1 + float(rows.sum(-1).amax())
+            if bound * torch.finfo(lr.dtype).eps > WOODBURY_PRECISION:
                 return _WIDEN
-        return cap
+        return lr.capacitance()  # (B, n, n)
 
     @staticmethod
     def _capacitance_solve(lr: LowRankHessian, Z: Tensor, cap: Tensor | None) -> Tensor:
