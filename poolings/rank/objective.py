@@ -139,7 +139,9 @@ def rank_pool_solve(
         load = C * (space.norms.square() * res.active).sum(-1)  # C Σ_A ‖v_t‖² ≥ ‖H‖ − 1, (B,)
     dt = V.dtype
     ill = _ordinary(torch.finfo(dt).eps * load > ILL_CONDITIONED) if dt != WIDE else None
-    wide = ill is not None and bool(ill.any())
+    wide = redo = False
+    if ill is not None:  # one read-back for both (each is a device sync on a GPU)
+        wide, redo = torch.stack((ill.any(), ~res.converged.all())).tolist()
     sd = WIDE if wide else dt  # the state's dtype: the backward runs in it
     state = RankPoolState(method, _ordinary(res.active), _ordinary(excess(res.r, res.sign, eps), sd), wide=wide)
     if method == "tspace":
@@ -153,7 +155,7 @@ def rank_pool_solve(
             state.preconditioner = NystromPreconditioner(_ordinary(space.precond.U, dt), _ordinary(space.precond.s, dt))
     sol = Solution(state.u.to(dt), converged=_ordinary(res.converged), iterations=_ordinary(res.iterations),
                    grad_norm=_ordinary(res.grad_norm, dt), state=state)
-    if dt != WIDE:
+    if wide or redo:
         _finish_in_float64(sol, V, mask, C, eps, method, ill, **asked)
     return sol
 
@@ -196,8 +198,6 @@ def _finish_in_float64(sol: Solution, V: Tensor, mask: Tensor, C: float, eps: fl
     iterations are added. The samples to redo are solved in groups of at most :data:`_REDO_BYTES`
     of ``V`` in float64 (one sample at a time where one sample is larger)."""
     stuck = ~sol.converged | ill
-    if not bool(stuck.any()):
-        return
     st = sol.state
     B, T, p = V.shape
     rows = stuck.nonzero().flatten()
