@@ -56,9 +56,10 @@ class RankPoolState:
     quantities stay in float64 and the backward computes in float64 from them (see
     :meth:`RankPoolObjective.hessian` and :meth:`RankPoolObjective.vjp_v`): rounded to float32
     they left those samples' gradients 7 % (3 × 20 × 64) and 30 % (2 × 100 × 512) off (random
-    walks of ``100 n_τ / √T``, ``C = 10``), where float64 gives 4–6e-8. Otherwise they are in the dtype of ``V``,
-    and so is the backward: below the bound, float32 and float64 backwards of the same solve
-    measured the same errors against float64 (those of the float32 solve itself).
+    walks of ``100 n_τ / √T``, ``C = 10``), where float64 gives 4–6e-8. Otherwise they are in
+    the dtype of ``V``, and so is the backward: below the bound, float32 and float64 backwards
+    of the same solve measured the same errors against float64 (those of the float32 solve
+    itself).
 
     Attributes:
         method: ``"tspace"``, ``"pspace"`` or ``"cg"``: the method that ran.
