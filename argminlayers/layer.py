@@ -624,7 +624,7 @@ def _widened(problem: Problem, sol: Solution, U: Tensor, wrt: dict[str, Tensor])
     U = U.to(wide) + (exact - U.detach().to(wide))  # the value of u in float64, the graph of U
     leaves = {"V": V, **inputs}
     dtypes = {k: x.dtype for k, x in wrt.items()}
-    wrt = {k: leaves.get(k, x) if k in leaves else x for k, x in wrt.items()}
+    wrt = {k: leaves.get(k, x) for k, x in wrt.items()}
     prob = Problem(problem.objective, V, problem.mask, inputs, problem.q_shape, problem.constraints)
 
     def back(grads: dict) -> dict:

@@ -221,8 +221,7 @@ class ShermanMorrison(Strategy):
 
 WOODBURY_PRECISION = 1e-3
 """Bound on ``ε (1 + tr(A D⁻¹ Aᵀ))`` above which :class:`Woodbury` solves a float32 (or lower)
-``H = D + AᵀA`` with more rows than dimensions in float64 (see ``Woodbury._capacitance``)."""
-_WIDEN = object()
+``H = D + AᵀA`` with more rows than dimensions in float64 (see ``Woodbury._needs_float64``)."""
 
 
 def _in_float64(lr: LowRankHessian) -> LowRankHessian:
@@ -262,10 +261,9 @@ class Woodbury(Strategy):
         Dinv_g = g / lr.d  # (B, q)
         if lr.rank == 0:
             return _check_finite(Dinv_g, self.name)
-        cap = self._capacitance(lr)
-        if cap is _WIDEN:
+        if self._needs_float64(lr):
             return self.solve(_in_float64(lr), g.to(torch.float64)).to(lr.dtype)
-        y = self._capacitance_solve(lr, lr.apply_B(Dinv_g).unsqueeze(-1), cap)  # (B, n, 1)
+        y = self._capacitance_solve(lr, lr.apply_B(Dinv_g).unsqueeze(-1))  # (B, n, 1)
         w = Dinv_g - lr.apply_At(y.squeeze(-1)) / lr.d
         return _check_finite(w, self.name)
 
@@ -280,20 +278,19 @@ class Woodbury(Strategy):
         Dinv_G = G / lr.d.unsqueeze(-1)  # (B, q, k)
         if lr.rank == 0:
             return _check_finite(Dinv_G, self.name)
-        cap = self._capacitance(lr)
-        if cap is _WIDEN:
+        if self._needs_float64(lr):
             return self.solve_many(_in_float64(lr), G.to(torch.float64)).to(lr.dtype)
         s = None if lr.row_scale is None else lr.row_scale.unsqueeze(-1)  # (B, n, 1)
         Z = torch.bmm(lr.right, Dinv_G)  # (B, n, k)
-        Y = self._capacitance_solve(lr, Z if s is None else Z * s, cap)
+        Y = self._capacitance_solve(lr, Z if s is None else Z * s)
         Y = Y if s is None else Y * s
         W = Dinv_G - torch.bmm(lr.A.transpose(1, 2), Y) / lr.d.unsqueeze(-1)
         return _check_finite(W, self.name)
 
     @staticmethod
-    def _capacitance(lr: LowRankHessian) -> "Tensor | None | object":
-        """The capacitance matrix ``I + B D⁻¹ Aᵀ`` (``None`` where the objective handed over its
-        factor), or :data:`_WIDEN` where it is too ill-conditioned for the dtype.
+    def _needs_float64(lr: LowRankHessian) -> bool:
+        """Whether the capacitance matrix ``I + B D⁻¹ Aᵀ`` is too ill-conditioned for the dtype
+        (never where the objective handed over its factor, or the dtype is float64).
 
         With more rows than dimensions (``n > q``) its condition number far exceeds ``H``'s, and
         its factorisation and the identity's subtraction lose about that much of ``w``'s
@@ -305,24 +302,22 @@ class Woodbury(Strategy):
         the condition number is at most ``1 + tr(A D⁻¹ Aᵀ) = 1 + Σ_i s_i² Σ_j a_ij²/d_j``
         (``O(nq)``, no ``n × n`` product); where ``ε`` times that exceeds
         :data:`WOODBURY_PRECISION`, the whole batch is solved in float64."""
-        if lr.capacitance_factor is not None:
-            return None
-        if lr.dtype != torch.float64 and lr.rank > lr.q and lr.symmetric and lr.diagonal_positive():
-            with torch.no_grad():
-                rows = torch.bmm(lr.A.square(), (1 / lr.d).unsqueeze(-1)).squeeze(-1)  # (B, n): Σ_j a_ij²/d_j
-                if lr.row_scale is not None:
-                    rows = rows * lr.row_scale.square()
-                bound = 1 + float(rows.sum(-1).amax())
-            if bound * torch.finfo(lr.dtype).eps > WOODBURY_PRECISION:
-                return _WIDEN
-        return lr.capacitance()  # (B, n, n)
+        if (lr.capacitance_factor is not None or lr.dtype == torch.float64 or lr.rank <= lr.q
+                or not lr.symmetric or not lr.diagonal_positive()):
+            return False
+        with torch.no_grad():
+            rows = torch.bmm(lr.A.square(), (1 / lr.d).unsqueeze(-1)).squeeze(-1)  # (B, n): Σ_j a_ij²/d_j
+            if lr.row_scale is not None:
+                rows = rows * lr.row_scale.square()
+            bound = 1 + float(rows.sum(-1).amax())
+        return bound * torch.finfo(lr.dtype).eps > WOODBURY_PRECISION
 
     @staticmethod
-    def _capacitance_solve(lr: LowRankHessian, Z: Tensor, cap: Tensor | None) -> Tensor:
-        """``(I + B D⁻¹ Aᵀ)⁻¹ Z`` for ``Z: (B, n, k)``, by the forward's factor when there is one
-        (``cap`` is then ``None``)."""
+    def _capacitance_solve(lr: LowRankHessian, Z: Tensor) -> Tensor:
+        """``(I + B D⁻¹ Aᵀ)⁻¹ Z`` for ``Z: (B, n, k)``, by the forward's factor when there is one."""
         if lr.capacitance_factor is not None:
             return torch.cholesky_solve(Z, lr.capacitance_factor)
+        cap = lr.capacitance()  # (B, n, n)
         if lr.symmetric and lr.diagonal_positive():
             return torch.cholesky_solve(Z, cholesky_or_raise(cap, "capacitance matrix I + A D⁻¹ Aᵀ"))
         LU, piv, info = torch.linalg.lu_factor_ex(cap)

@@ -389,7 +389,7 @@ class RankPoolObjective(Objective):
         factor = state.factor if own else None
         return LowRankHessian(ones, V, row_scale=scale, capacitance_factor=factor, positive_diagonal=True)
 
-    def _wide(self, V: Tensor, U: Tensor, W: Tensor, state: Any) -> tuple[Tensor, Tensor] | None:
+    def _wide(self, V: Tensor, W: Tensor, state: Any) -> tuple[Tensor, Tensor] | None:
         """``(u, w)`` in float64 where the backward computes in float64 (a ``wide`` state of the
         forward, whose ``u`` and ``e`` are float64); else ``None``."""
         if V.dtype == WIDE or not isinstance(state, RankPoolState) or not state.wide:
@@ -406,7 +406,7 @@ class RankPoolObjective(Objective):
         GEMM is faster, 38 vs 44 µs).
         """
         active, e = self._active_and_excess(V, U, mask, state)
-        wide = self._wide(V, U, W, state)
+        wide = self._wide(V, W, state)
         if wide is not None:  # v_tᵀw in float64 from the state's u and e, V cast a chunk at a time
             U, W = wide
             Vw = frames_dot_wide(V, W) * active
@@ -439,7 +439,7 @@ class RankPoolObjective(Objective):
         if not hits:
             return {}
         _, e = self._active_and_excess(V, U, mask, state)
-        wide = self._wide(V, U, W, state)
+        wide = self._wide(V, W, state)
         Vw = frames_dot(V, W) if wide is None else frames_dot_wide(V, wide[1])  # (B, T); e is zero off A
         out = {}
         for k, x in hits.items():

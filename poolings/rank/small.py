@@ -218,7 +218,7 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
     if (kernel is not None and (tspace or space.V.dtype in _KERNEL_DTYPES)
             and kernel.fits(space.y.shape[1], space.n, tspace)):
         return compiled_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter, step_floor=step_floor)
-    sp = SmallTSpace(space) if isinstance(space, TSpace) else SmallPSpace(space)
+    sp = SmallTSpace(space) if tspace else SmallPSpace(space)
     y, norms = space.y.numpy(), space.norms.numpy()  # (B, T) float64 each
     B, T = y.shape
     n = space.n
