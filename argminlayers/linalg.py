@@ -101,14 +101,14 @@ def batched_cg(
         negative = negative | (active & ~curved)
         step = active & curved
         alpha = torch.where(step, rz / pHp, zero).unsqueeze(-1)  # the unused branch may be inf: not selected
-        x = x + alpha * p
-        r = r - alpha * Hp
+        x = torch.addcmul(x, alpha, p)
+        r = torch.addcmul(r, alpha, Hp, value=-1)
         z = r * precond if precond is not None else r
         rz_new = dot(r, z)
-        p = z + torch.where(step, rz_new / rz, zero).unsqueeze(-1) * p
+        p = torch.addcmul(z, torch.where(step, rz_new / rz, zero).unsqueeze(-1), p)
         rz = rz_new
-        iters = iters + step
-        active = step & (dot(r, r) > thresh2)
+        iters += step
+        active = step & ((rz_new if precond is None else dot(r, r)) > thresh2)  # (rᵀz = rᵀr unpreconditioned)
     converged = ~active & ~negative
     return CGResult(x, converged, iters, negative)
 

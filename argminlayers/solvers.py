@@ -47,6 +47,9 @@ from .problem import Problem
 _SOLVERS: dict[str, type["Solver"]] = {}
 
 
+_INF = float("inf")
+
+
 def _norm(x: Tensor, dim: int = -1) -> Tensor:
     return torch.linalg.vector_norm(x, dim=dim)
 
@@ -152,8 +155,8 @@ class Solver:
                 after_step(U_new - U, g_new - g, active & ok)
             U, f, g = U_new, f_new, g_new
             gnorm = _norm(g)
-            iters = iters + active.long()
-            finite = torch.isfinite(gnorm)
+            iters += active
+            finite = gnorm < _INF  # (a norm is ≥ 0 or NaN: one comparison instead of isfinite's four ops)
             if not (full and bool(finite.all())):  # (full: every active sample stepped)
                 nonfinite = active & ~finite
                 stuck = active & ~ok
@@ -245,10 +248,11 @@ def armijo(
     ``full``: every active sample took the full step (``U_new = U + d``).
     """
     slope = torch.linalg.vecdot(g, d)
-    bound = f + 16 * torch.finfo(f.dtype).eps * f.abs()  # f plus a rounding allowance
+    bound = torch.add(f, f.abs(), alpha=16 * torch.finfo(f.dtype).eps)  # f plus a rounding allowance
     cand = U + d
     fc = problem.value(cand) if first is None else first
-    ok = active & torch.isfinite(fc) & (fc <= bound + c * slope)
+    # (NaN and +inf fail the comparison; -inf is refused apart: one op each instead of isfinite's four)
+    ok = active & (fc <= torch.add(bound, slope, alpha=c)) & (fc > -_INF)
     if bool((ok == active).all()):
         return cand, torch.where(ok, fc, f), ok, True
     U_new = torch.where(ok.unsqueeze(-1), cand, U)
@@ -258,7 +262,7 @@ def armijo(
     for _ in range(max_steps - 1):
         cand = U + alpha.unsqueeze(-1) * d
         fc = problem.value(cand)
-        accept = ~done & torch.isfinite(fc) & (fc <= bound + c * alpha * slope)
+        accept = ~done & (fc <= bound + c * alpha * slope) & (fc > -_INF)
         U_new = torch.where(accept.unsqueeze(-1), cand, U_new)
         f_new = torch.where(accept, fc, f_new)
         ok = ok | accept
@@ -375,46 +379,49 @@ class LBFGS(Solver):
     def minimize(self, problem: Problem, U0: Tensor) -> Solution:
         B, q = U0.shape
         m = self.history
-        S = U0.new_zeros(m, B, q)  # slot-major: S[j] is contiguous
-        Y = U0.new_zeros(m, B, q)
-        rS = U0.new_zeros(m, B, q)  # ρ s and ρ y, ρ = 1/sᵀy: the scaled pairs of the two loops
-        rY = U0.new_zeros(m, B, q)
-        gamma = U0.new_ones(B)
+        # the pairs, newest last: s, y and their scaled ρs, ρy (ρ = 1/sᵀy), each (B, q) with zeros for a
+        # sample that stored no pair at that step; a ring of Python lists (no indexing ops per use)
+        S: list[Tensor] = []
+        Y: list[Tensor] = []
+        rS: list[Tensor] = []
+        rY: list[Tensor] = []
+        gamma = U0.new_ones(B, 1)
         first = torch.ones(B, dtype=torch.bool, device=U0.device)
-        slot, filled = [0], [0]
+        any_first = [True]  # whether some sample has no pair yet (read back when it changes)
 
         def direction(lin, U, gnorm, active):
             g = lin.grad
             r = g
-            order = [(slot[0] - 1 - j) % m for j in range(filled[0])]  # newest first, stored pairs only
             alphas = []
-            dot = torch.linalg.vecdot
-            for j in order:
-                a = dot(rS[j], r).unsqueeze(-1)
+            for sj, yj in zip(reversed(rS), reversed(Y)):  # newest first
+                a = (sj * r).sum(-1, keepdim=True)
                 alphas.append(a)
-                r = torch.addcmul(r, a, Y[j], value=-1)
-            r = gamma.unsqueeze(-1) * r
-            for j, a in zip(reversed(order), reversed(alphas)):
-                r = torch.addcmul(r, a - dot(rY[j], r).unsqueeze(-1), S[j])
-            # first step: a unit-length steepest-descent step, scaled by the gradient
-            r = torch.where(first.unsqueeze(-1), g / gnorm.clamp_min(1.0).unsqueeze(-1), r)
+                r = torch.addcmul(r, a, yj, value=-1)
+            r = gamma * r
+            for sj, yj, a in zip(S, rY, reversed(alphas)):  # oldest first
+                r = torch.addcmul(r, a - (yj * r).sum(-1, keepdim=True), sj)
+            if any_first[0]:  # first step: a unit-length steepest-descent step, scaled by the gradient
+                r = torch.where(first.unsqueeze(-1), g / gnorm.clamp_min(1.0).unsqueeze(-1), r)
             return -r, None
 
         def after_step(s, y, stepped):
-            dot = torch.linalg.vecdot
-            sy, yy = dot(s, y), dot(y, y)
-            good = stepped & (sy > torch.finfo(s.dtype).eps * _norm(s) * _norm(y))
-            j = slot[0]
-            keep, zero, one = good.unsqueeze(-1), s.new_zeros(()), s.new_ones(())
-            S[j] = torch.where(keep, s, zero)  # the pair where it is stored, zeros elsewhere
-            Y[j] = torch.where(keep, y, zero)
-            safe = torch.where(good, sy, one)
-            rho = torch.where(good, safe.reciprocal(), zero).unsqueeze(-1)
-            torch.mul(S[j], rho, out=rS[j])
-            torch.mul(Y[j], rho, out=rY[j])
-            gamma.copy_(torch.where(good, safe / torch.where(good, yy, one), gamma))
-            first.logical_and_(~good)
-            slot[0] = (j + 1) % m
-            filled[0] = min(filled[0] + 1, m)
+            sy = (s * y).sum(-1, keepdim=True)
+            yy = (y * y).sum(-1, keepdim=True)
+            ss = (s * s).sum(-1, keepdim=True)
+            good = stepped.unsqueeze(-1) & (sy > torch.finfo(s.dtype).eps * ss.sqrt() * yy.sqrt())  # (NaN fails)
+            zero = s.new_zeros(())
+            rho = torch.where(good, sy.reciprocal(), zero)  # 1/sᵀy, 0 where no pair is stored
+            if len(S) == m:
+                for ring in (S, Y, rS, rY):
+                    ring.pop(0)
+            s, y = torch.where(good, s, zero), torch.where(good, y, zero)
+            S.append(s)
+            Y.append(y)
+            rS.append(s * rho)
+            rY.append(y * rho)
+            gamma.copy_(torch.where(good, sy / yy, gamma))  # (yy > 0 where good; the other branch is not taken)
+            if any_first[0]:
+                first.logical_and_(~good.squeeze(-1))
+                any_first[0] = bool(first.any())
 
         return self._descend(problem, U0, direction, after_step, is_step=lambda: ~first)
