@@ -156,7 +156,7 @@ class Solver:
             U, f, g = U_new, f_new, g_new
             gnorm = _norm(g)
             iters += active
-            finite = gnorm < _INF  # (a norm is ≥ 0 or NaN: one comparison instead of isfinite's four ops)
+            finite = gnorm < _INF  # (a norm is ≥ 0 or NaN: one comparison instead of isfinite's five ops)
             if not (full and bool(finite.all())):  # (full: every active sample stepped)
                 nonfinite = active & ~finite
                 stuck = active & ~ok
@@ -251,8 +251,9 @@ def armijo(
     bound = torch.add(f, f.abs(), alpha=16 * torch.finfo(f.dtype).eps)  # f plus a rounding allowance
     cand = U + d
     fc = problem.value(cand) if first is None else first
-    # (NaN and +inf fail the comparison; -inf is refused apart: one op each instead of isfinite's four)
-    ok = active & (fc <= torch.add(bound, slope, alpha=c)) & (fc > -_INF)
+    # |f| < inf: finite (NaN fails it), two ops instead of isfinite's five; the comparison alone would let
+    # +inf through a bound that overflowed to inf
+    ok = active & (fc <= torch.add(bound, slope, alpha=c)) & (fc.abs() < _INF)
     if bool((ok == active).all()):
         return cand, torch.where(ok, fc, f), ok, True
     U_new = torch.where(ok.unsqueeze(-1), cand, U)
@@ -262,7 +263,7 @@ def armijo(
     for _ in range(max_steps - 1):
         cand = U + alpha.unsqueeze(-1) * d
         fc = problem.value(cand)
-        accept = ~done & (fc <= bound + c * alpha * slope) & (fc > -_INF)
+        accept = ~done & (fc <= bound + c * alpha * slope) & (fc.abs() < _INF)
         U_new = torch.where(accept.unsqueeze(-1), cand, U_new)
         f_new = torch.where(accept, fc, f_new)
         ok = ok | accept

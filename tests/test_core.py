@@ -119,6 +119,24 @@ def test_solvers_agree_and_converge(name, solver):
     assert float(g.norm(dim=-1).max()) < 1e-8
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_line_search_refuses_a_non_finite_value(value):
+    """A trial value that is not finite is never accepted, even where the bound f(u) + allowance
+    overflows to inf (f at the largest float)."""
+    from argminlayers.solvers import armijo
+
+    class Constant:  # every backtracking step sees the same non-finite value
+        def value(self, U):
+            return torch.full((U.shape[0],), value, dtype=U.dtype)
+
+    U, g = torch.zeros(2, 3), torch.ones(2, 3)
+    f = torch.tensor([torch.finfo(torch.float32).max, 1.0])
+    first = torch.full((2,), value)
+    U_new, f_new, ok, full = armijo(Constant(), U, f, g, -g, torch.ones(2, dtype=torch.bool), first=first)
+    assert not bool(ok.any()) and not full
+    assert torch.equal(U_new, U) and torch.equal(f_new, f)
+
+
 def test_per_sample_convergence_counts():
     """Samples stop on their own: an easy sample uses fewer Newton iterations."""
     V = data(B=2, T=6, p=3, seed=2)
