@@ -31,7 +31,7 @@ def _expect(entry: dict, peer: str) -> None:
 
 def test_generic_quick_both_objectives(tmp_path):
     cfg = tiny(tmp_path)
-    only = ["ours:defaults", "hand", "unrolled", "torchopt:lbfgs", "jaxopt", "theseus"]
+    only = ["ours:defaults", "hand", "bare", "unrolled", "torchopt:lbfgs", "jaxopt", "theseus"]
     data = generic.run(cfg, dtypes=["float64"], only=only, first_call=False)
     check_outputs(Path(cfg.out), "generic", {"grad_rel_err", "reference_fd_error", "over_hand", "grad_norm_max"})
     assert {r["objective"] for r in data["results"]} == set(gm.OBJECTIVES)
@@ -39,6 +39,9 @@ def test_generic_quick_both_objectives(tmp_path):
         assert r["reference_fd_error"] < 1e-6  # the exact reference agrees with finite differences
         m = r["methods"]
         assert m["hand"]["status"] == "ok" and m["hand"]["gradient_ok"]
+        # the bare autograd Newton loop runs where the defaults take dense Newton (every tiny size)
+        assert m["bare"]["status"] == "ok" and m["bare"]["gradient_ok"] and "total" in m["bare"]
+        assert r["summary"]["bare_over_hand"] > 0
         ours = m["ours:defaults"]
         if r["objective"] == "pseudo_huber":
             assert ours["status"] == "ok" and ours["gradient_ok"] and ours["memory"] is not None
@@ -48,7 +51,7 @@ def test_generic_quick_both_objectives(tmp_path):
             assert ours["status"] in ("ok", "unsupported"), ours
             assert ours["status"] != "ok" or ("grad_w_rel_err" in ours and ours["gradient_ok"])
         if r["role"] == "hand":
-            assert set(m) == {"ours:defaults", "hand"}
+            assert set(m) == {"ours:defaults", "hand", "bare"}
             continue
         assert m["unrolled"]["gradient_ok"]
         _expect(m["torchopt:lbfgs"], "torchopt")
@@ -65,6 +68,7 @@ def test_generic_quick_both_objectives(tmp_path):
                     assert "grad_w_rel_err" in e, name
     assert data["verdict"] and any("hand-written" in line for line in data["verdict"])
     assert any("Where the defaults' time goes" in line and "× the hand-written call" in line for line in data["verdict"])
+    assert any("The floor: Newton on the same autograd derivatives" in line for line in data["verdict"])
     md = (Path(cfg.out) / "generic.md").read_text()
     assert "### Verdict" in md and "⚠ wrong gradient" not in md.split("### Verdict")[0]
 
@@ -121,3 +125,30 @@ def test_hand_written_layer_matches_finite_differences():
     W = (0.5 + torch.rand(2, 5, dtype=torch.float64)).requires_grad_(True)
     torch.autograd.gradcheck(lambda v: gm.make_hand("pseudo_huber", 1e-14)(v, None), (V,))
     torch.autograd.gradcheck(lambda v, w: gm.make_hand("weighted", 1e-14)(v, w), (V, W))
+
+
+def test_bare_loop_runs_only_where_the_defaults_take_dense_newton():
+    assert generic._bare_runs(1, 5, 3) and generic._bare_runs(16, 10, 8)
+    assert not generic._bare_runs(256, 20, 16)  # B·T·p·q beyond DENSE_MAX_WORK: the defaults take L-BFGS
+    assert not generic._bare_runs(16, 20, 256)  # q beyond DENSE_MAX_Q
+    assert "bare" in generic._methods("hand", None, (1, 5, 3))
+    assert "bare" not in generic._methods("hand", None, (256, 20, 16))
+    assert "bare" not in generic._methods("sweep", None, (16, 10, 64))
+
+
+@pytest.mark.parametrize("objective", gm.OBJECTIVES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bare_loop_matches_the_hand_written_layer(objective, dtype):
+    """The floor is the same Newton method with autograd derivatives: same output and gradients."""
+    g = torch.Generator().manual_seed(3)
+    V = torch.randn(4, 6, 3, generator=g, dtype=dtype).requires_grad_(True)
+    W = (torch.rand(4, 6, generator=g, dtype=dtype) + 0.5).requires_grad_(True)
+    G = torch.randn(4, 3, generator=g, dtype=dtype)
+    wrt = (V,) if objective == "pseudo_huber" else (V, W)
+    out = []
+    for method in ("bare", "hand"):
+        U = gm.make(method, objective, dtype)(V, W)
+        out.append((U, *torch.autograd.grad((U * G).sum(), wrt)))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, **tol)

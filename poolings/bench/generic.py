@@ -9,7 +9,9 @@ Objectives (:mod:`poolings.bench.generic_methods` has the formulas and every met
 
 Methods, side by side at each size: ``ours:defaults`` (``ArgminLayer(f)``, nothing named) and
 ``ours:SOLVER+BACKWARD`` for every named setting; ``hand`` (batched Newton, closed-form
-derivatives, Cholesky, one-step implicit gradient); ``unrolled`` (20 Newton steps by
+derivatives, Cholesky, one-step implicit gradient); ``bare`` (the same Newton method on our
+layer's autograd derivatives with nothing else: no line search, no checks; the floor under the
+defaults, run where they take dense Newton); ``unrolled`` (20 Newton steps by
 ``torch.func``, autograd through them); ``torchopt:newton`` / ``torchopt:lbfgs``
 (``torchopt.diff.implicit.custom_root`` + CG, with a batched inner solve in torch; the faster of
 the two is "torchopt"); ``jaxopt`` (jitted, vmapped ``LBFGS``, ``implicit_diff``, jax CPU, in a
@@ -102,6 +104,7 @@ LABELS = {
     "ours:defaults": "ours, defaults",
     "best_named": "ours, best named",
     "hand": "hand-written Newton",
+    "bare": "bare autograd Newton",
     "unrolled": "unrolled Newton (20 steps)",
     "torchopt": "torchopt (best inner solve)",
     "torchopt:newton": "torchopt + Newton",
@@ -125,6 +128,16 @@ DEFAULTS_CAP_FACTOR = 3.0  # the defaults are what the goals are about: their ti
 ROUND_BUDGET = 10.0  # seconds of timed rounds per size: fewer rounds (never < 3) where a round is slow
 MIN_REPEATS = 3
 GOALS = {"torchopt": 1.0, "jaxopt": 3.0, "hand": 3.0, "named": 1.5, "first_call": 10.0}
+
+
+def _bare_runs(B: int, T: int, p: int) -> bool:
+    """Whether the bare autograd Newton loop (the floor under the defaults) runs at a hand-written
+    layer's size: where the defaults' own rule picks dense Newton (``argminlayers.layer``'s
+    ``DENSE_MAX_Q`` and ``DENSE_MAX_WORK``). Elsewhere the defaults take L-BFGS, and dense Newton's
+    ``q`` batched products over ``(B, T, p)`` are work they avoid, no floor of theirs."""
+    from argminlayers.layer import DENSE_MAX_Q, DENSE_MAX_WORK
+
+    return p <= DENSE_MAX_Q and B * T * p * p <= DENSE_MAX_WORK
 
 
 # -------------------------------------------------------------------------- options
@@ -258,7 +271,7 @@ def _record(sw: Stopwatch, phase: str, seconds: float) -> None:
 # ---------------------------------------------------------------------- cost models
 def _dense_method(method: str) -> bool:
     """Methods whose cost grows as B·T·p² (a dense Hessian per iteration)."""
-    if method in ("hand", "unrolled", "torchopt:newton", "theseus"):
+    if method in ("hand", "bare", "unrolled", "torchopt:newton", "theseus"):
         return True
     if method.startswith("ours:"):
         setting = method.split(":", 1)[1]
@@ -335,11 +348,13 @@ def _plan(cfg: BenchConfig, sizes) -> list[tuple[tuple[int, int, int], str]]:
     return sorted(plan, key=lambda x: (x[0][0] * x[0][1] * x[0][2] ** 2, x[0]))
 
 
-def _methods(role: str, only: list[str] | None) -> list[str]:
+def _methods(role: str, only: list[str] | None, size: tuple[int, int, int] | None = None) -> list[str]:
     if role == "hand":
-        names = ["ours:defaults", "hand"]
+        names = ["ours:defaults", "hand"] + (["bare"] if size is None or _bare_runs(*size) else [])
     else:
         names = [f"ours:{s}" for s in gm.ours_settings()] + list(PEERS) + list(CHECK_ONLY)
+        if size is None or _bare_runs(*size):
+            names.insert(names.index("hand") + 1, "bare")
     return [m for m in names if _selected(m, only)]
 
 
@@ -499,14 +514,16 @@ def _one(cfg, objective, dtype, size, role, only, repeats, caps, measured: Measu
 
     runners: dict[str, Callable[[Stopwatch], None]] = {}
     round_s = 0.0  # one round of the timed cases, from their first calls
-    for method in _methods(role, only):
+    for method in _methods(role, only, size):
         entry: dict[str, Any] = {}
         row["methods"][method] = entry
         key = (objective, dtype, method)
         mcaps = dict(caps)
         if method == "ours:defaults":
             mcaps.update(call=caps["call"] * DEFAULTS_CAP_FACTOR, seconds=caps["seconds"] * DEFAULTS_CAP_FACTOR)
-        t_proj, b_proj = measured.project(key, B, T, p)
+        # (the bare loop runs only at the hand-written layer's small sizes (_bare_runs), where it takes
+        # milliseconds: a projection from one of them would scale overhead as work)
+        t_proj, b_proj = measured.project(key, B, T, p) if method != "bare" else (None, None)
         b_static = static_bytes(method, B, T, p, itemsize)
         b_limit = b_static if b_static is not None else b_proj
         if method == "theseus" and (B * T * p * p > THESEUS_MAX_BTP2 or dtype != "float64"):
@@ -596,7 +613,7 @@ def _warm_process(objectives, dtypes, only) -> None:
     """One untimed call of every torch method at a tiny size, so that the one-off costs of a
     process (lazy imports, torch.func's first trace) land on no measured size: they are the
     first-call latency, measured apart."""
-    methods = [m for m in [f"ours:{s}" for s in gm.ours_settings()] + ["hand", "unrolled", "torchopt:newton",
+    methods = [m for m in [f"ours:{s}" for s in gm.ours_settings()] + ["hand", "bare", "unrolled", "torchopt:newton",
                                                                            "torchopt:lbfgs"] if _selected(m, only)]
     gen = torch.Generator().manual_seed(0)
     with warnings.catch_warnings():
@@ -771,6 +788,9 @@ def _summarise_row(row: dict, dtype: str) -> None:
     s["over_torchopt"] = _ratio(d, s.get("torchopt_seconds"))
     s["over_jaxopt"] = _ratio(d, _ranked(m.get("jaxopt")))
     s["over_hand"] = _ratio(d, _ranked(m.get("hand")))
+    s["bare_over_hand"] = _ratio(_ranked(m.get("bare")), _ranked(m.get("hand")))  # the floor, against the goal
+    s["over_bare"] = _ratio(d, _ranked(m.get("bare")))
+    s["bare_over_jaxopt"] = _ratio(_ranked(m.get("bare")), _ranked(m.get("jaxopt")))
     s["over_best_named"] = _ratio(d, s.get("best_named_seconds"))
     der = (m.get("ours:defaults") or {}).get("derivatives")
     s["derivative_share"] = der["share"] if der else None
@@ -849,6 +869,8 @@ def verdict(payload: dict[str, Any]) -> list[str]:
             if hand:
                 parts.append(_goal_sentence(hand, "over_hand", "within 3× of the hand-written layer "
                                             "(at its sizes)", GOALS["hand"]))
+                parts.append(_floor_sentence(hand))
+            parts.append(_jax_floor_sentence(sweep))
             parts.append(_derivative_sentence(rs))
             parts.append(_memory_sentence(sweep))
             wrong = sorted({f"{m} ({_size(r)})" for r in rs for m, e in r["methods"].items()
@@ -899,6 +921,39 @@ def _goal_sentence(rows, key, label, goal) -> str:
     absent = len(vals) - len(have)
     if absent:
         text += f"; {absent} size(s) without both figures (skipped, over a cap, or a gradient flagged)"
+    return text + "."
+
+
+def _floor_sentence(rows) -> str:
+    """The bare autograd Newton loop against the hand-written layer and the defaults: how much of the
+    gap to the hand-written layer is the derivatives' own (autograd instead of closed forms)."""
+    have = [r for r in rows if r["summary"].get("bare_over_hand") is not None]
+    if not have:
+        return ""
+    parts = [f"{_size(r)}: {r['summary']['bare_over_hand']:.3g}× the hand-written call"
+             + (f", the defaults {r['summary']['over_bare']:.3g}× the bare loop" if r["summary"].get("over_bare") else "")
+             for r in have]
+    under = [r for r in have if r["summary"]["bare_over_hand"] > GOALS["hand"]]
+    text = ("The floor: Newton on the same autograd derivatives with nothing else (no line search, no checks; "
+            "'bare autograd Newton') takes " + "; ".join(parts))
+    if under:
+        text += (f". Where that floor alone exceeds {GOALS['hand']:g}× ({', '.join(_size(r) for r in under)}), "
+                 "no solver loop around autograd-derived derivatives can meet the goal on this CPU")
+    return text + "."
+
+
+def _jax_floor_sentence(rows) -> str:
+    """The bare loop against jitted jaxopt, at the sweep's sizes where the defaults take dense Newton."""
+    have = sorted((r for r in rows if r["summary"].get("bare_over_jaxopt") is not None),
+                  key=lambda r: (r["B"], r["T"], r["p"]))
+    if not have:
+        return ""
+    over = [r for r in have if r["summary"]["bare_over_jaxopt"] > GOALS["jaxopt"]]
+    parts = [f"{_size(r)} {r['summary']['bare_over_jaxopt']:.3g}×" for r in have]
+    text = (f"Against jitted jaxopt, where the defaults take dense Newton, that bare loop takes {', '.join(parts)} "
+            f"its time")
+    if over:
+        text += f" (over {GOALS['jaxopt']:g}× by itself at {len(over)} of {len(have)})"
     return text + "."
 
 
@@ -1003,7 +1058,8 @@ def _markdown(payload: dict[str, Any], charts: list[str]) -> str:
 
 def _tables(objective: str, dtype: str, rs: list[dict]) -> str:
     out = [f"### {objective}, {dtype}"]
-    head = ["B × T × p", "rounds", LABELS["ours:defaults"], LABELS["best_named"], LABELS["hand"], LABELS["torchopt"],
+    head = ["B × T × p", "rounds", LABELS["ours:defaults"], LABELS["best_named"], LABELS["hand"], LABELS["bare"],
+            LABELS["torchopt"],
             LABELS["jaxopt"] + " (compile)", LABELS["unrolled"], "defaults / torchopt", "defaults / jaxopt",
             "defaults / hand", "defaults / best named", "defaults: share in f and its derivatives"]
     body = []
@@ -1017,7 +1073,7 @@ def _tables(objective: str, dtype: str, rs: list[dict]) -> str:
             _size(r) + (" (hand size)" if r["role"] == "hand" else ""), r["repeats"],
             _cell(m.get("ours:defaults")),
             f"{fmt_time(sm['best_named_seconds'])} ({best.split(':', 1)[1]})" if best else "–",
-            _cell(m.get("hand")),
+            _cell(m.get("hand")), _cell(m.get("bare")),
             f"{fmt_time(sm['torchopt_seconds'])} ({tor.split(':', 1)[1]})" if tor else _cell(m.get("torchopt:lbfgs")),
             jtext, _cell(m.get("unrolled")),
             fmt_ratio(sm["over_torchopt"]), fmt_ratio(sm["over_jaxopt"]), fmt_ratio(sm["over_hand"]),
@@ -1036,7 +1092,7 @@ def _tables(objective: str, dtype: str, rs: list[dict]) -> str:
         out.append("Our layer at every named setting (and the defaults' peak memory):\n\n"
                    + markdown_table(["B × T × p", "defaults' memory"] + [k.split(":", 1)[1] for k in named], body))
 
-    cols = ["ours:defaults", "best_named", "hand", "torchopt:newton", "torchopt:lbfgs", "jaxopt", "unrolled", "theseus"]
+    cols = ["ours:defaults", "best_named", "hand", "bare", "torchopt:newton", "torchopt:lbfgs", "jaxopt", "unrolled", "theseus"]
     body = []
     for r in rs:
         cells = [_size(r), fmt_err(r["reference_fd_error"])]

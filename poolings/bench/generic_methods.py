@@ -78,6 +78,19 @@ def _stop_threshold(gnorm0: Tensor, tol: float) -> Tensor:
     return tol * gnorm0.clamp_min(1.0)
 
 
+def _newton_stop(g: Tensor, thresh: Tensor | None, prev: float, tol: float) -> tuple[Tensor, float, bool]:
+    """The Newton loops' stopping rule at gradient ``g``: ``(thresh, worst, stop)``. Stop where every
+    ``‖g‖ ≤ thresh`` (set at the first call), or within rounding of it (``worst < 1e4`` times) and no
+    longer shrinking (``worst > prev / 2``)."""
+    gn = g.norm(dim=-1)
+    if thresh is None:
+        thresh = _stop_threshold(gn, tol)
+    if bool((gn <= thresh).all()):
+        return thresh, prev, True
+    worst = float((gn / thresh).max())
+    return thresh, worst, 1e4 > worst > 0.5 * prev
+
+
 # ------------------------------------------------------------------------ our layer
 DEFAULTS = "defaults"
 SOLVERS = ("newton", "newton_cg", "lbfgs")
@@ -153,19 +166,13 @@ class _HandNewton(torch.autograd.Function):
         for _ in range(max_iter + 1):
             D, s, a, c, g = _closed_form(objective, V, U, W)
             L = torch.linalg.cholesky(_closed_hessian(D, a, c))
-            gn = g.norm(dim=-1)
-            if thresh is None:
-                thresh = _stop_threshold(gn, tol)
-            if bool((gn <= thresh).all()):
+            thresh, prev, stop = _newton_stop(g, thresh, prev, tol)
+            if stop:
                 break
-            worst = float((gn / thresh).max())
-            if worst < 1e4 and worst > 0.5 * prev:  # within rounding of tol and no longer shrinking: done
-                break
-            prev = worst
             U = U - torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
         else:
             raise RuntimeError(f"hand-written Newton did not converge in {max_iter} iterations "
-                               f"(max ‖∇f‖ = {float(gn.max()):.2e})")
+                               f"(max ‖∇f‖ = {float(g.norm(dim=-1).max()):.2e})")
         ctx.objective = objective
         ctx.save_for_backward(L, D, s, a, c)
         return U
@@ -185,6 +192,60 @@ def make_hand(objective: str, tol: float, max_iter: int = 50) -> Callable[[Tenso
     if objective == "pseudo_huber":
         return lambda V, W: _HandNewton.apply(V, None, objective, tol, max_iter)
     return lambda V, W: _HandNewton.apply(V, W, objective, tol, max_iter)
+
+
+# ------------------------------------------- the floor of autograd-derived Newton
+def make_bare(objective: str, tol: float, max_iter: int = 50) -> Callable[[Tensor, Tensor], Tensor]:
+    """Newton on the plain per-sample function with our layer's derivative machinery and nothing
+    else: per iteration one recorded gradient of ``Σ_b f_b`` (with its graph) and the dense
+    Hessian as ``q`` products in one batched reverse pass (``argminlayers.linalg.batched_vjp``),
+    a batched Cholesky and a full step; the hand-written layer's stopping rule; a one-step
+    implicit backward through the last record. No line search, no checks (input, convergence,
+    curvature), no fallback: what the derivatives cost when they come from autograd, the floor
+    under the defaults at the hand-written layer's sizes."""
+    from argminlayers.linalg import batched_vjp, vjp
+    from argminlayers.objective import FunctionObjective
+
+    obj = FunctionObjective(pseudo_huber if objective == "pseudo_huber" else weighted_pseudo_huber)
+    weighted = objective != "pseudo_huber"
+
+    def record(V, U, W, mask):
+        Ur = U.detach().requires_grad_(True)
+        F = obj.value(V, Ur, mask, **({"w": W} if weighted else {}))
+        (G,) = vjp(F, (Ur,), torch.ones_like(F), create_graph=True)
+        return Ur, G
+
+    class Bare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, V, W):
+            B, q = V.shape[0], V.shape[2]
+            mask = torch.ones(V.shape[:2], dtype=torch.bool, device=V.device)
+            E = torch.eye(q, dtype=V.dtype, device=V.device).unsqueeze(1).expand(q, B, q).contiguous()
+            Vd, Wd = V.detach().requires_grad_(True), (W.detach().requires_grad_(True) if weighted else None)
+            U, thresh, prev = mean_init(V), None, math.inf
+            with torch.enable_grad():
+                for _ in range(max_iter + 1):
+                    Ur, G = record(Vd, U, Wd, mask)
+                    L = torch.linalg.cholesky(batched_vjp(G, Ur, E).transpose(0, 1))
+                    g = G.detach()
+                    thresh, prev, stop = _newton_stop(g, thresh, prev, tol)
+                    if stop:
+                        break
+                    U = U - torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+                else:
+                    raise RuntimeError(f"bare autograd Newton did not converge in {max_iter} iterations")
+            ctx.record = (Vd, Wd, G, L)
+            return U
+
+        @staticmethod
+        def backward(ctx, Gout):
+            Vd, Wd, G, L = ctx.record
+            z = torch.cholesky_solve(Gout.unsqueeze(-1), L).squeeze(-1)
+            with torch.enable_grad():
+                grads = vjp(G, (Vd,) if Wd is None else (Vd, Wd), -z)
+            return grads[0], (grads[1] if Wd is not None else None)
+
+    return lambda V, W: Bare.apply(V, W)
 
 
 # --------------------------------------------------------- plain torch, unrolled
@@ -478,13 +539,15 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def make(method: str, objective: str, dtype: torch.dtype) -> Callable[[Tensor, Tensor], Tensor]:
-    """The method named ``ours:SETTING``, ``hand``, ``unrolled``, ``torchopt:INNER`` or ``theseus``."""
+    """The method named ``ours:SETTING``, ``hand``, ``bare``, ``unrolled``, ``torchopt:INNER`` or ``theseus``."""
     tol, cg_tol = default_tolerances(dtype)
     kind, _, arg = method.partition(":")
     if kind == "ours":
         return make_ours(arg, objective)
     if kind == "hand":
         return make_hand(objective, tol)
+    if kind == "bare":
+        return make_bare(objective, tol)
     if kind == "unrolled":
         return make_unrolled(objective)
     if kind == "torchopt":
