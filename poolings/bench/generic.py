@@ -1147,7 +1147,7 @@ def _charts(payload: dict[str, Any], out: Path) -> list[str]:
 def _chart(payload: dict[str, Any], out: Path, objective: str, combos) -> str:
     plt = plt_module()
     fig, axes = plt.subplots(len(combos), 2, figsize=(11, 3.2 * len(combos)), squeeze=False)
-    series = [("ours:defaults", "C0"), ("best_named", "C9"), ("hand", "C2"), ("torchopt", "C1"),
+    series = [("ours:defaults", "C0"), ("best_named", "C9"), ("hand", "C2"), ("bare", "C5"), ("torchopt", "C1"),
               ("jaxopt", "C3"), ("unrolled", "C7")]
     for (objective, dtype), (ax, axr) in zip(combos, axes):
         rs = [r for r in payload["results"] if r["objective"] == objective and r["dtype"] == dtype]
