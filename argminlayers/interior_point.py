@@ -177,7 +177,7 @@ class InteriorPoint(Solver):
                 c = self._augmentation(M, Jh, live)
                 M = M + c[:, None, None] * torch.bmm(Jh.transpose(1, 2), Jh)
                 rhs = rhs - c.unsqueeze(-1) * _bmv(Jh.transpose(1, 2), h)
-            L, _ = damped_cholesky(M, live)
+            L, _, _ = damped_cholesky(M, live)
             Y = torch.cholesky_solve(torch.cat((rhs.unsqueeze(-1), Jh.transpose(1, 2)), -1), L)
             Mr, MJ = Y[..., 0], Y[..., 1:]
             if m:

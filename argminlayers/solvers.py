@@ -274,10 +274,11 @@ def armijo(
     return U_new, f_new, ok, False
 
 
-def damped_cholesky(H: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
-    """``(L, pd)``: the Cholesky factor of ``H + λI`` with ``λ = 0`` where ``H`` is positive
+def damped_cholesky(H: Tensor, active: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """``(L, pd, every)``: the Cholesky factor of ``H + λI`` with ``λ = 0`` where ``H`` is positive
     definite (``pd``), else the smallest ``λ`` of a ×10 ladder from ``1e-8 · max|H_ii|`` that
-    makes the factorisation succeed (only for ``active`` samples)."""
+    makes the factorisation succeed (only for ``active`` samples); ``every``: ``pd.all()``, read
+    back once here for the caller too."""
     L, info = torch.linalg.cholesky_ex(H)
     pivots = L.diagonal(dim1=-2, dim2=-1)
     lo, hi = torch.aminmax(pivots * pivots, dim=-1)
@@ -285,7 +286,7 @@ def damped_cholesky(H: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     # a NaN or infinite pivot fails the comparison too
     pd = (info == 0) & (lo > 10 * torch.finfo(H.dtype).eps * hi)
     if bool(pd.all()):
-        return L, pd
+        return L, pd, True
     failing = ~pd & active
     if bool(failing.any()):
         eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
@@ -298,7 +299,7 @@ def damped_cholesky(H: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
             failing = failing & (info2 > 0)
             if not bool(failing.any()):
                 break
-    return L, pd
+    return L, pd, False
 
 
 @register_solver("newton")
@@ -312,11 +313,11 @@ class Newton(Solver):
     def minimize(self, problem: Problem, U0: Tensor) -> Solution:
         def direction(lin, U, gnorm, active):
             H = lin.hessian.dense()
-            L, pd = damped_cholesky(H, active)
+            L, pd, every = damped_cholesky(H, active)
             # the factor of H itself where it is positive definite (the backward reuses it), the
             # identity elsewhere: those samples are not minima and get no gradient
             factor = L
-            if not bool(pd.all()):
+            if not every:
                 eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
                 factor = torch.where(pd[:, None, None], L, eye)
             lin.factored = DenseHessian(H, factor)
