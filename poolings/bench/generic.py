@@ -349,12 +349,12 @@ def _plan(cfg: BenchConfig, sizes) -> list[tuple[tuple[int, int, int], str]]:
 
 
 def _methods(role: str, only: list[str] | None, size: tuple[int, int, int] | None = None) -> list[str]:
+    bare = ["bare"] if size is None or _bare_runs(*size) else []
     if role == "hand":
-        names = ["ours:defaults", "hand"] + (["bare"] if size is None or _bare_runs(*size) else [])
+        names = ["ours:defaults", "hand", *bare]
     else:
-        names = [f"ours:{s}" for s in gm.ours_settings()] + list(PEERS) + list(CHECK_ONLY)
-        if size is None or _bare_runs(*size):
-            names.insert(names.index("hand") + 1, "bare")
+        names = ([f"ours:{s}" for s in gm.ours_settings()] + ["hand", *bare] + [m for m in PEERS if m != "hand"]
+                 + list(CHECK_ONLY))
     return [m for m in names if _selected(m, only)]
 
 
@@ -938,7 +938,7 @@ def _floor_sentence(rows) -> str:
             "'bare autograd Newton') takes " + "; ".join(parts))
     if under:
         text += (f". Where that floor alone exceeds {GOALS['hand']:g}× ({', '.join(_size(r) for r in under)}), "
-                 "no solver loop around autograd-derived derivatives can meet the goal on this CPU")
+                 "no Newton loop on autograd-derived derivatives can meet the goal on this CPU")
     return text + "."
 
 
