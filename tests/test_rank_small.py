@@ -118,6 +118,54 @@ def test_failed_factorisation_falls_back_to_the_general_iteration(monkeypatch):
     assert float(((sol.u - ref).norm(dim=-1) / ref.norm(dim=-1)).max()) < 1e-6
 
 
+@pytest.mark.skipif(not BUILT, reason="the kernel is not built")
+@pytest.mark.parametrize("method", list(SPACES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["plain", "u_zero", "max_iter", "ill"])
+def test_the_direct_path_leaves_the_state_of_the_space_path(method, dtype, case, monkeypatch):
+    """rank_pool_solve's small CPU path (compiled_direct: the kernel on NumPy arrays, no
+    FactoredSpace) returns what the kernel on a space returns: the same u, convergence,
+    iterations and gradient norms, and the same state (active set, excess, the factor of each
+    final set, M, wide), also where the kernel's cache holds another set's factor (samples
+    with u* = 0, or stopped by max_iter) and where float32 samples are redone in float64."""
+    import poolings.rank.objective as objective
+
+    V, mask = _case(3, 30, 6, seed=4, walk=True)  # lengths 30, 27, 24
+    C, eps, opts = 1.0, 0.1, {}
+    if case == "u_zero":
+        eps = 28.0  # |y_t| ≤ 27 < ε: samples 1 and 2 have u* = 0 and no factor of their own
+    elif case == "max_iter":
+        opts = {"max_iter": 1}
+    elif case == "ill":
+        V, C = V * 100, 10.0  # ε₃₂ C Σ‖v_t‖² far above ILL_CONDITIONED: float32 redone in float64
+    V = V.to(dtype)
+    calls = []
+    real = objective.compiled_direct
+    monkeypatch.setattr(objective, "compiled_direct", lambda *a, **k: calls.append(1) or real(*a, **k))
+    direct = rank_pool_solve(V, mask, C, eps, method=method, **opts)
+    assert calls
+    monkeypatch.setattr(objective, "compiled_direct", lambda *a, **k: None)
+    space = rank_pool_solve(V, mask, C, eps, method=method, **opts)
+    if case == "u_zero":
+        assert bool((direct.u[1:] == 0).all()) and bool(direct.u[0].abs().sum() > 0)
+    if case == "ill" and dtype == torch.float32:
+        assert direct.state.wide
+    assert direct.state.wide == space.state.wide and direct.state.method == space.state.method == method
+    for name in ("converged", "iterations"):
+        assert torch.equal(getattr(direct, name), getattr(space, name)), name
+    assert torch.equal(direct.state.active, space.state.active)
+    pairs = [(direct.u, space.u), (direct.grad_norm, space.grad_norm), (direct.state.e, space.state.e),
+             (direct.state.u, space.state.u), (direct.state.factor, space.state.factor)]
+    if method == "pspace":
+        pairs.append((direct.state.gram, space.state.gram))
+    else:
+        assert direct.state.gram is None and space.state.gram is None
+    for a, b in pairs:  # (p-space's M of a stale sample's set: the update's product in V's dtype, another BLAS)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        tol = 1e-12 if a.dtype == torch.float64 else 1e-6
+        assert torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max().clamp_min(1)))
+
+
 def test_which_problems_are_small():
     assert is_small_numpy(2, 50, "cpu") and is_small_numpy(16, 64, torch.device("cpu"))
     assert not is_small_numpy(4, 512, "cpu")  # B n³ above SMALL_FLOPS

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -34,7 +35,7 @@ from .common import frames_dot_wide, loss, rank_targets, rounding_floor, signed_
 from .cost import METHODS, choose_method
 from .newton_cg import NewtonCGSpace, NystromPreconditioner
 from .pspace import PSpace
-from .small import is_small_numpy, small_solve
+from .small import DirectResult, compiled_direct, is_small_numpy, small_solve
 from .tspace import TSpace
 
 METHOD_CHOICES = ("auto", *METHODS)
@@ -125,6 +126,11 @@ def rank_pool_solve(
     floor_tol, floor_check = rounding_floor(torch.float64 if method == "tspace" else V.dtype)
     tol = max(float(tol), floor_tol)
     check_tol = max(float(check_tol), floor_check, tol)
+    if method != "cg" and is_small_numpy(V.shape[0], V.shape[1] if method == "tspace" else V.shape[2], V.device):
+        small = compiled_direct(V.detach().contiguous(), mask, C, eps, method == "tspace", tol=tol,
+                                check_tol=check_tol, max_iter=max_iter, step_floor=floor_tol)
+        if small is not None:
+            return _direct_solution(small, V, mask, C, eps, method, asked)
     # the iteration is hundreds of small operations: inference mode spares each one the autograd
     # bookkeeping (measured 9 → 6.5 µs per operation on (2, 50) tensors, one thread); what leaves
     # it is copied into ordinary tensors, which the backward may record on
@@ -158,6 +164,33 @@ def rank_pool_solve(
                    grad_norm=_ordinary(res.grad_norm, dt), state=state)
     if wide or redo:
         _finish_in_float64(sol, V, mask, C, eps, method, ill, **asked)
+    return sol
+
+
+def _direct_solution(d: DirectResult, V: Tensor, mask: Tensor, C: float, eps: float, method: str,
+                     asked: dict) -> Solution:
+    """:func:`rank_pool_solve`'s solution from :func:`~poolings.rank.small.compiled_direct`'s arrays:
+    the same state, read from NumPy (each small tensor operation there costs more than the
+    arithmetic)."""
+    dt = V.dtype
+    active = d.sign != 0
+    load = C * (np.square(d.norms) * active).sum(-1)  # C Σ_A ‖v_t‖², as rank_pool_solve
+    ill = torch.finfo(dt).eps * load > ILL_CONDITIONED if dt != WIDE else None
+    wide = bool(ill.any()) if ill is not None else False
+    redo = ill is not None and not bool(d.done.all())
+    sd = WIDE if wide else dt
+    e = (d.r - eps * d.sign) * active  # excess
+    state = RankPoolState(method, torch.from_numpy(active), torch.from_numpy(e).to(sd), wide=wide,
+                          factor=torch.from_numpy(d.factor).to(sd))
+    x = torch.from_numpy(d.x)
+    if method == "tspace":
+        state.u = frames_combine(V.detach(), x.to(dt)).to(sd)  # u = Vᵀβ
+    else:
+        state.u, state.gram = x.to(sd), torch.from_numpy(d.gram).to(sd)
+    sol = Solution(state.u.to(dt), converged=torch.from_numpy(d.done), iterations=torch.from_numpy(d.iters),
+                   grad_norm=torch.from_numpy(d.gnorm).to(dt), state=state)
+    if wide or redo:
+        _finish_in_float64(sol, V, mask, C, eps, method, torch.from_numpy(ill), **asked)
     return sol
 
 

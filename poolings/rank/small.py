@@ -44,6 +44,7 @@ exactly zero and they are never active. Problems qualify by :func:`is_small_nump
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +71,42 @@ def _signs(r: np.ndarray, eps: float) -> np.ndarray:
 def _add_identity_(H: np.ndarray) -> None:
     """``H += I`` on each ``(n, n)`` matrix of ``H (c, n, n)``, in place: the diagonals alone
     instead of a full-size add."""
-    d = np.arange(H.shape[-1])
-    H[:, d, d] += 1
+    if H.flags.c_contiguous:  # the diagonals as one strided view
+        H.reshape(H.shape[0], -1)[:, :: H.shape[-1] + 1] += 1
+    else:
+        d = np.arange(H.shape[-1])
+        H[:, d, d] += 1
 
 
 def _loss(r: np.ndarray, eps: float) -> np.ndarray:
     return np.square(np.maximum(np.abs(r) - eps, 0)).sum(-1)
+
+
+def tspace_matrices(K: np.ndarray, C: float, rows: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """``I + C D K D`` of the sets ``A (c, T)`` (float64 0/1) of samples ``rows (c,)``, ``(c, T, T)``."""
+    H = K[rows] * (C * A)[:, :, None] * A[:, None, :]
+    _add_identity_(H)
+    return H
+
+
+def pspace_matrices(V: np.ndarray, M: np.ndarray, M_set: np.ndarray, C: float, rows: np.ndarray,
+                    A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(I + M_A, M_A)`` of the sets ``A (c, T)`` (float64 0/1) of samples ``rows (c,)``, each
+    ``(c, p, p)``: from the sample's ``M`` (of the set ``M_set``) and the steps whose membership
+    changed."""
+    old = M_set[rows].astype(bool)
+    H = M[rows]
+    ch = (A != 0) != old
+    k = int(ch.sum(-1).max())
+    if k:
+        idx = np.argsort(~ch, axis=-1, kind="stable")[:, :k]  # the changed steps first
+        Vd = V[rows[:, None], idx]  # (c, k, p), in the dtype of V
+        w = np.take_along_axis(A - old, idx, 1).astype(Vd.dtype)  # +1 entering, −1 leaving, 0 padding
+        # as PSpace: the product in V's dtype (exact signs), scaled by C in float64
+        H += np.float64(C) * np.matmul((Vd * w[:, :, None]).transpose(0, 2, 1), Vd)
+    gram = H.copy()  # M of each set, before the identity (and the factorisation in place)
+    _add_identity_(H)
+    return H, gram
 
 
 class SmallTSpace:
@@ -93,10 +124,7 @@ class SmallTSpace:
         return g, (S != 0) * (self.C * (self.y[:, None] - self.eps * S))  # C D (y − s ε)
 
     def matrices(self, rows, A):
-        """``I + C D K D`` of the sets ``A (c, T)`` of samples ``rows (c,)``, ``(c, T, T)``."""
-        H = self.K[rows] * (self.C * A)[:, :, None] * A[:, None, :]
-        _add_identity_(H)
-        return H
+        return tspace_matrices(self.K, self.C, rows, A)
 
     def residuals(self, X):
         """``(R, ‖u‖²)`` of the points ``X (B, 2, n)``: ``(B, 2, T)``, ``(B, 2)``."""
@@ -141,19 +169,7 @@ class SmallPSpace:
         return np.linalg.norm(x - W[:, 0], axis=-1), W[:, 1:]
 
     def matrices(self, rows, A):
-        """``I + M_A`` from each sample's ``M`` and the steps whose membership changed, ``(c, p, p)``."""
-        old = self.M_set[rows]
-        H = self.M[rows]
-        ch = (A != 0) != old
-        k = int(ch.sum(-1).max())
-        if k:
-            idx = np.argsort(~ch, axis=-1, kind="stable")[:, :k]  # the changed steps first
-            Vd = self.V[rows[:, None], idx]  # (c, k, p), in the dtype of V
-            w = np.take_along_axis(A - old, idx, 1).astype(Vd.dtype)  # +1 entering, −1 leaving, 0 padding
-            # as PSpace: the product in V's dtype (exact signs), scaled by C in float64
-            H += np.float64(self.C) * np.matmul((Vd * w[:, :, None]).transpose(0, 2, 1), Vd)
-        self._H = H.copy()  # M of each candidate set, before it is factorised in place
-        _add_identity_(H)
+        H, self._H = pspace_matrices(self.V, self.M, self.M_set, self.C, rows, A)
         return H
 
     def residuals(self, X):
@@ -361,3 +377,81 @@ def compiled_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, ch
     space.has_factor |= factored
     sgn = torch.from_numpy(_signs(r.numpy(), eps))
     return ActiveSetResult(x, r, sgn != 0, sgn, done, iters, gnorm)
+
+
+@dataclass
+class DirectResult:
+    """What :func:`compiled_direct` returns, as NumPy arrays (float64 unless said): the points
+    ``x (B, n)`` (``β`` in T-space, ``u`` in p-space), residuals ``r (B, T)``, signs ``sign (B, T)``
+    of the final signed sets, ``done (B,)`` bool, ``iters (B,)`` int64, ``gnorm (B,)``, the factor
+    ``(B, n, n)`` of each sample's final set, p-space's ``M (B, p, p)`` of that set (else ``None``)
+    and the frames' norms ``(B, T)``."""
+
+    x: np.ndarray
+    r: np.ndarray
+    sign: np.ndarray
+    done: np.ndarray
+    iters: np.ndarray
+    gnorm: np.ndarray
+    factor: np.ndarray
+    gram: np.ndarray | None
+    norms: np.ndarray
+
+
+def compiled_direct(V: torch.Tensor, mask: torch.Tensor, C: float, eps: float, tspace: bool, *, tol: float,
+                    check_tol: float, max_iter: int, step_floor: float = 0.0) -> DirectResult | None:
+    """The whole direct solve of a small CPU problem in :func:`compiled_solve`'s iteration, its
+    data prepared and its results read on NumPy arrays: no :class:`~poolings.rank.factored.FactoredSpace`
+    and none of the small tensor operations around the kernel (at ``2 × 50 × 64`` those took
+    about three times the kernel's own 0.13 ms). The data are the spaces' own (``K = V Vᵀ`` or
+    ``M = C VᵀV`` by the same products, the targets, the norms); the final sets' factors are
+    :meth:`~poolings.rank.factored.FactoredSpace.final_factor`'s: the kernel's cache, refactorised
+    where it belongs to another set.
+
+    For the problems :func:`is_small_numpy` admits (the caller asks it). ``None`` where this
+    path does not apply (the kernel is not built or not used, :data:`COMPILED`; ``V`` not on
+    the CPU; a p-space ``V`` that is neither float32 nor float64; a size the kernel cannot
+    index) or where a candidate matrix could not be factorised: the caller then runs the
+    general iteration, which reports it. ``V`` must be contiguous."""
+    B, T, p = V.shape
+    n = T if tspace else p
+    kernel = _kernel() if COMPILED else None
+    if (kernel is None or V.device.type != "cpu" or not (tspace or V.dtype in _KERNEL_DTYPES)
+            or not kernel.fits(T, n, tspace)):
+        return None
+    m = np.ascontiguousarray(mask.numpy())
+    mu8 = m.view(np.uint8)
+    y = m.cumsum(1).astype(np.float64)
+    y *= m  # step_positions: t over the valid steps, 0 at padded ones
+    cache = np.zeros((B, n, n))
+    _add_identity_(cache)  # rows never filled stay finite
+    cache_set = np.zeros((B, T), np.uint8)
+    if tspace:
+        K = torch.bmm(V, V.transpose(1, 2)).numpy().astype(np.float64)  # TSpace's K
+        norms = np.sqrt(np.maximum(np.diagonal(K, axis1=1, axis2=2), 0))
+        M = M_set = Vn = None
+        out = kernel.solve(K, None, np.zeros((1, 1, 1)), np.zeros((1, 1), np.uint8), y, norms, mu8, C, eps, tol,
+                           check_tol, max_iter, step_floor, cache, cache_set)
+    else:
+        Vn = V.numpy()
+        M = torch.bmm(V.transpose(1, 2), V).numpy().astype(np.float64)
+        M *= C  # PSpace's M, of the set M_set
+        M_set = mu8.copy()  # all valid steps (padded ones are zero: leaving M's set changes nothing)
+        norms = torch.linalg.vector_norm(V, dim=-1).numpy().astype(np.float64)
+        out = kernel.solve(None, Vn, M, M_set, y, norms, mu8, C, eps, tol, check_tol, max_iter, step_floor,
+                           cache, cache_set)
+    if out is None:
+        return None
+    x, r, done, iters, gnorm, factored = out
+    sign = _signs(r, eps)
+    active = sign != 0
+    stale = np.flatnonzero(~factored.astype(bool) | (cache_set.view(bool) != active).any(-1))
+    if stale.size:  # as final_factor: the factor (and M) of the final set, where the cache has another's
+        A = active[stale].astype(np.float64)
+        if tspace:
+            H = tspace_matrices(K, C, stale, A)
+        else:
+            H, M[stale] = pspace_matrices(Vn, M, M_set, C, stale, A)
+        cholesky_(torch.from_numpy(H))
+        cache[stale] = H
+    return DirectResult(x, r, sign, done.astype(bool), iters.astype(np.int64), gnorm, cache, M, norms)
