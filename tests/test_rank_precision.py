@@ -14,6 +14,7 @@ import argminlayers
 from argminlayers import LowRankHessian, Woodbury
 from poolings.rank import METHODS, RankPool, RankPoolBackward, RankPoolObjective, rank_pool_solve
 from poolings.rank.objective import ILL_CONDITIONED
+from poolings.rank.pspace import PSpace
 from test_rank import F64, _mask, _one_thread  # noqa: F401 (autouse fixture)
 
 
@@ -76,6 +77,53 @@ def test_only_ill_conditioned_samples_are_redone():
     torch.testing.assert_close(sol.u[1:], alone.u, rtol=0, atol=0)
     torch.testing.assert_close(sol.state.u[:1], sixty_four.state.u, rtol=0, atol=0)
     assert sol.state.wide and not alone.state.wide
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_batch_ill_conditioned_throughout_is_solved_in_float64_at_once(method, monkeypatch):
+    """Every sample above the bound over all its steps (frames of norm 30, 220 steps; a problem
+    too large for the small-problem path): no float32 solve, which would be redone for every
+    sample. The solution is the float64 solve's, rounded, with its float64 state (``wide``), and
+    the gradient that of the float64 backward of that state."""
+    import poolings.rank.objective as objective
+
+    mask = torch.ones(2, 220, dtype=torch.bool)
+    V = _walk(2, 220, 220, 30.0, seed=4).float()
+    assert bool((torch.finfo(torch.float32).eps * V.double().square().sum((1, 2)) > ILL_CONDITIONED).all())
+    spaces = []
+    for name in ("TSpace", "PSpace", "NewtonCGSpace"):
+        cls = getattr(objective, name)
+        monkeypatch.setattr(objective, name, lambda V, *a, cls=cls, **k: spaces.append(V.dtype) or cls(V, *a, **k))
+    sol = rank_pool_solve(V, mask, 1.0, 0.1, method=method)
+    assert spaces == [F64]
+    ref = rank_pool_solve(V.double(), mask, 1.0, 0.1, method=method)
+    assert sol.state.wide and sol.u.dtype == torch.float32 and bool(sol.converged.all())
+    assert torch.equal(sol.u, ref.u.float()) and torch.equal(sol.iterations, ref.iterations)
+    for name in ("u", "e", "factor", "gram"):
+        mine, theirs = getattr(sol.state, name), getattr(ref.state, name)
+        assert (mine is None) == (theirs is None) and (mine is None or torch.equal(mine, theirs)), name
+    G = torch.randn(2, 220, generator=torch.Generator().manual_seed(3), dtype=F64)
+    _, dV = _layer_grad(V, None, 1.0, 0.1, G, method=method)
+    _, dV64 = _layer_grad(V.double(), None, 1.0, 0.1, G, method=method)
+    assert dV.dtype == torch.float32 and _rel(dV, dV64) < 1e-6
+
+
+def test_a_batch_with_an_ordinary_sample_keeps_its_float32_solve(monkeypatch):
+    """One ill-conditioned sample and one ordinary one, too large for the small-problem path: the
+    batch is not solved in float64 at once: it is solved in float32, and the ill-conditioned
+    sample alone again in float64."""
+    import poolings.rank.objective as objective
+
+    mask = torch.ones(2, 220, dtype=torch.bool)
+    V = torch.cat((_walk(1, 220, 220, 30.0, seed=2), _walk(1, 220, 220, 0.05, seed=3))).float()
+    bound = torch.finfo(torch.float32).eps * V.double().square().sum((1, 2))
+    assert float(bound[0]) > ILL_CONDITIONED > float(bound[1])
+    spaces = []
+    monkeypatch.setattr(objective, "PSpace", lambda V, *a, **k: spaces.append(tuple(V.shape[:1]) + (V.dtype,))
+                        or PSpace(V, *a, **k))
+    sol = rank_pool_solve(V, mask, 1.0, 0.1, method="pspace")
+    assert spaces[0] == (2, torch.float32)  # (the redo of one sample runs the small-problem path)
+    assert sol.state.wide and bool(sol.converged.all())
 
 
 @pytest.mark.parametrize("method", METHODS)
