@@ -30,7 +30,7 @@ method      each step                                suits
 """
 
 from .common import check_rank_param, check_rank_params, rank_targets, signed_active_set
-from .cost import METHODS, choose_method, method_costs
+from .cost import METHODS, choose_method, choose_method_for, method_costs
 from .layer import RankPool
 from .objective import RankPoolBackward, RankPoolObjective, RankPoolState, rank_pool_solve
 
@@ -43,6 +43,7 @@ __all__ = [
     "check_rank_param",
     "check_rank_params",
     "choose_method",
+    "choose_method_for",
     "method_costs",
     "rank_pool_solve",
     "rank_targets",

@@ -23,11 +23,21 @@ cg         sketch (two GEMMs of width 64) + ``NEWTON`` × (3 + 2 × ``CG``) pass
 
 A method is left out when its ``(B, n, n)`` float64 buffers (about four of them) would exceed
 ``memory_limit`` (default: 2 GiB on CPU; half the free memory on CUDA).
+
+**Conditioning.** The direct methods factorise, whatever the condition of ``H = I + C V_AᵀV_A``;
+CG's iterations grow with it. The rates above are for unit-norm frames with ``C = 1``; with the
+per-step load ``ℓ = C · mean_t ‖v_t‖²`` above 1 (unnormalised features, a large ``C``), the
+forward's CG iterations grow as ``ℓ^0.47`` and the backward's as ``ℓ^0.25``, fitted to random-walk
+frames scaled to norms 1, 3, 10 and 30 at 4 × 1000 × 512 (forward CG iterations per sample 8, 24, 76,
+200; i.i.d. frames grew less and then saturated, 13, 54, 73, 62). There ``cg`` took 3.1× ``pspace``'s
+time at norm 30 and 4.8× ``tspace``'s at 4 × 1000 × 2048. :func:`choose_method_for` measures ``ℓ``
+(one pass over ``V``) where the model would otherwise pick ``cg``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +68,7 @@ NEWTON = 4.5  # Newton-CG steps, measured 3-5
 CG = 2.5  # CG iterations per Newton step with the Nyström preconditioner, measured 1.5-3
 CG_BACKWARD = 12.0  # CG iterations of the exact backward after Newton-CG
 CG_CALLS = (180, 40, 600)  # operations per Newton step, per CG iteration, and of the sketch
+CG_GROWTH, CG_BACKWARD_GROWTH = 0.47, 0.25  # exponents of the load ℓ in the CG iterations (see above)
 FACTOR_BUFFERS = 4  # (B, n, n) float64 buffers a direct method holds at its peak
 DEFAULT_CPU_MEMORY = 2 * 2**30
 
@@ -72,8 +83,9 @@ class MethodCost:
 
 
 def method_costs(B: int, T: int, p: int, dtype: torch.dtype = torch.float32,
-                 device: "torch.device | str" = "cpu") -> dict[str, MethodCost]:
-    """The cost model above for every method: ``{method: MethodCost}``."""
+                 device: "torch.device | str" = "cpu", *, load: float = 1.0) -> dict[str, MethodCost]:
+    """The cost model above for every method: ``{method: MethodCost}``; ``load``: the per-step
+    load ``ℓ = C · mean_t ‖v_t‖²`` (values up to 1 cost as 1)."""
     rates = _CUDA if torch.device(device).type == "cuda" else _CPU
     item = torch.finfo(dtype).bits // 8
     gemm = rates["gemm_flops"].get(dtype, rates["gemm_flops"][torch.float32])
@@ -93,8 +105,10 @@ def method_costs(B: int, T: int, p: int, dtype: torch.dtype = torch.float32,
     t_space = direct(T, 2 * B * T * T * p, 5, CALLS["tspace"])
     p_space = direct(p, 2 * B * T * p * p, 2 * rounds + 2, CALLS["pspace"])
     k = min(64, p, T)
-    cg = (4 * B * T * p * k / gemm + (NEWTON * (3 + 2 * CG) + 2 * CG_BACKWARD) * one_pass
-          + (NEWTON * (CG_CALLS[0] + CG_CALLS[1] * CG) + CG_CALLS[1] * CG_BACKWARD + CG_CALLS[2]
+    grow = max(float(load), 1.0)
+    cg_forward, cg_backward = CG * grow**CG_GROWTH, CG_BACKWARD * grow**CG_BACKWARD_GROWTH
+    cg = (4 * B * T * p * k / gemm + (NEWTON * (3 + 2 * cg_forward) + 2 * cg_backward) * one_pass
+          + (NEWTON * (CG_CALLS[0] + CG_CALLS[1] * cg_forward) + CG_CALLS[1] * cg_backward + CG_CALLS[2]
              + CALLS["layer"]) * call)
     nbytes = {
         "tspace": FACTOR_BUFFERS * B * T * T * 8,
@@ -114,17 +128,40 @@ def default_memory_limit(device: "torch.device | str") -> int:
 
 
 def choose_method(B: int, T: int, p: int, dtype: torch.dtype = torch.float32,
-                  device: "torch.device | str" = "cpu", *, memory_limit: int | None = None) -> str:
+                  device: "torch.device | str" = "cpu", *, memory_limit: int | None = None,
+                  load: float = 1.0) -> str:
     """The method with the least predicted time among those whose buffers fit ``memory_limit``
-    (bytes; ``None``: :func:`default_memory_limit`). ``cg`` always fits."""
+    (bytes; ``None``: :func:`default_memory_limit`). ``cg`` always fits. ``load``: as in
+    :func:`method_costs` (taken at half-octave steps)."""
     limit = default_memory_limit(device) if memory_limit is None else memory_limit
-    return _cheapest(B, T, p, dtype, str(torch.device(device)), limit)
+    return _cheapest(B, T, p, dtype, str(torch.device(device)), limit, _load_step(load))
+
+
+def choose_method_for(V: torch.Tensor, C: float, mask: "torch.Tensor | None" = None, *,
+                      memory_limit: int | None = None) -> str:
+    """:func:`choose_method` for the frames ``V (B, T, p)`` (padded steps zero) with ``C``: where
+    unit-norm frames would run ``cg``, the per-step load ``ℓ = C · mean ‖v_t‖²`` of these (over the
+    valid steps of ``mask``, else all steps) is measured and the choice made with it."""
+    B, T, p = V.shape
+    method = choose_method(B, T, p, V.dtype, V.device, memory_limit=memory_limit)
+    if method != "cg":
+        return method
+    steps = B * T if mask is None else max(int(mask.sum()), 1)
+    load = C * float(torch.linalg.vector_norm(V.detach().flatten()).square()) / steps
+    return choose_method(B, T, p, V.dtype, V.device, memory_limit=memory_limit, load=load)
+
+
+def _load_step(load: float) -> float:
+    """``load`` at half-octave steps (1 and below: 1), so that the kept choices stay few."""
+    if not load > 1:
+        return 1.0
+    return 2 ** (round(2 * math.log2(min(load, 1e30))) / 2)
 
 
 @functools.lru_cache(maxsize=1024)
-def _cheapest(B: int, T: int, p: int, dtype: torch.dtype, device: str, limit: int) -> str:
+def _cheapest(B: int, T: int, p: int, dtype: torch.dtype, device: str, limit: int, load: float) -> str:
     """:func:`choose_method`'s pick, kept per size (the model is a pure function of its arguments;
     evaluating it took about 40 µs a call, a tenth of a small layer call's Python)."""
-    costs = method_costs(B, T, p, dtype, device)
+    costs = method_costs(B, T, p, dtype, device, load=load)
     fits = [c for c in costs.values() if c.bytes <= limit or c.method == "cg"]
     return min(fits, key=lambda c: c.seconds).method

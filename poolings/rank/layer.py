@@ -24,8 +24,9 @@ class RankPool(Pooling):
             (liblinear's ``-c`` is ``C/2``). A number or a 0-d tensor; an
             ``nn.Parameter`` is learned with the rest of the model (exact gradients).
         eps: insensitive zone ``ε ≥ 0``; a number or a 0-d tensor, as ``C``.
-        method: the exact forward: ``"auto"`` (default: chosen per call from ``(B, T, p)``, dtype
-            and device by :func:`~poolings.rank.cost.choose_method`), ``"tspace"`` (``T × T``
+        method: the exact forward: ``"auto"`` (default: chosen per call from ``(B, T, p)``, dtype,
+            device and the frames' load ``C · mean ‖v_t‖²`` by
+            :func:`~poolings.rank.cost.choose_method_for`), ``"tspace"`` (``T × T``
             Cholesky), ``"pspace"`` (``p × p`` Cholesky) or ``"cg"`` (matrix-free Newton-CG).
             ``last_method`` says which one the last call ran.
         backward: ``"auto"`` (default: exact; Woodbury with the forward's factor, or

@@ -32,7 +32,7 @@ from argminlayers import CG, FunctionHessian, LowRankHessian, Objective, Solutio
 from .active_set import active_set_solve
 from .common import WIDE, check_rank_param, check_rank_value, excess, frames_combine, frames_dot
 from .common import frames_dot_wide, loss, rank_targets, rounding_floor, signed_active_set
-from .cost import METHODS, choose_method
+from .cost import METHODS, choose_method_for
 from .newton_cg import NewtonCGSpace, NystromPreconditioner
 from .pspace import PSpace
 from .small import DirectResult, compiled_direct, is_small_numpy, small_solve
@@ -99,7 +99,7 @@ def rank_pool_solve(
     max_iter: int = 50,
 ) -> Solution:
     """Exact rank-pool minimiser by the active-set iteration of :mod:`poolings.rank.active_set`
-    in the space of ``method`` (``"auto"``: :func:`~poolings.rank.cost.choose_method`).
+    in the space of ``method`` (``"auto"``: :func:`~poolings.rank.cost.choose_method_for`).
 
     Args:
         V: ``(B, T, p)`` features, padded steps zero.
@@ -121,7 +121,7 @@ def rank_pool_solve(
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     mask = mask.contiguous()  # the compiled iteration reads it (and sets made like it) as C arrays
     if method == "auto":
-        method = choose_method(*V.shape, dtype=V.dtype, device=V.device)
+        method = choose_method_for(V, C, mask)
     asked = {"tol": tol, "check_tol": check_tol, "max_iter": max_iter}
     floor_tol, floor_check = rounding_floor(torch.float64 if method == "tspace" else V.dtype)
     tol = max(float(tol), floor_tol)
@@ -343,11 +343,12 @@ class RankPoolObjective(Objective):
         return tuple(check_rank_value(name, _number(x), learned=isinstance(x, Tensor))
                      for name, x in (("C", self.C), ("eps", self.eps)))
 
-    def choose_method(self, V: Tensor) -> str:
-        """The method :meth:`solve` runs for ``V (B, T, p)``: ``method`` unless it is ``"auto"``."""
+    def choose_method(self, V: Tensor, mask: Tensor | None = None) -> str:
+        """The method :meth:`solve` runs for ``V (B, T, p)`` (valid steps ``mask``): ``method``
+        unless it is ``"auto"`` (then :func:`~poolings.rank.cost.choose_method_for`)."""
         if self.method != "auto":
             return self.method
-        return choose_method(*V.shape, dtype=V.dtype, device=V.device)
+        return choose_method_for(V, self.values()[0], mask)
 
     # per sample, for torch.func
     def f(self, v: Tensor, u: Tensor, mask: Tensor) -> Tensor:
@@ -358,7 +359,7 @@ class RankPoolObjective(Objective):
     # batched fast paths
     def solve(self, V: Tensor, mask: Tensor) -> Solution:
         """:func:`rank_pool_solve` with this objective's ``C``, ``eps``, method and tolerances."""
-        method = self.choose_method(V)
+        method = self.choose_method(V, mask)
         self.last_method = method
         C, eps = self.values()
         return rank_pool_solve(V, mask, C, eps, method=method, tol=self.tol, check_tol=self.check_tol,
