@@ -147,7 +147,7 @@ def choose_method_for(V: torch.Tensor, C: float, mask: "torch.Tensor | None" = N
     if method != "cg":
         return method
     steps = B * T if mask is None else max(int(mask.sum()), 1)
-    load = C * float(torch.linalg.vector_norm(V.detach().flatten()).square()) / steps
+    load = C * float(torch.linalg.vector_norm(V.detach()).square()) / steps
     return choose_method(B, T, p, V.dtype, V.device, memory_limit=memory_limit, load=load)
 
 

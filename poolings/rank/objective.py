@@ -204,7 +204,7 @@ def _every_sample_ill(V: Tensor, C: float) -> bool:
     instead of in float32 first and again in float64. Measured at 4 × 1000 × 512, frames of norm
     30, ``C = 1``: the float32 solve took 0.69 s (``cg``; ``pspace`` 0.38 s), the float64 one 0.39 s
     (0.19 s), and every sample was redone. One pass over ``V``."""
-    load = C * torch.linalg.vector_norm(V.detach().flatten(1), dim=1).square()
+    load = C * torch.linalg.vector_norm(V.detach(), dim=(1, 2)).square()
     return bool((torch.finfo(V.dtype).eps * load > ILL_CONDITIONED).all())
 
 
