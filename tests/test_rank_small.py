@@ -166,6 +166,25 @@ def test_the_direct_path_leaves_the_state_of_the_space_path(method, dtype, case,
         assert torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max().clamp_min(1)))
 
 
+@pytest.mark.parametrize("method", list(SPACES))
+def test_direct_calls_outside_the_kernel(method):
+    """What the compiled path does not take still solves: bfloat16 frames (the general iteration
+    on float64 data), an empty batch, ``C`` as a 0-d tensor; a mask that is not bool is refused
+    (the kernel would read its bytes as a bool mask)."""
+    V, mask = _case(2, 12, 5, seed=3, walk=True)
+    ref = rank_pool_solve(V, mask, 1.0, 0.1, method=method)
+    if method == "tspace":  # (p-space passes over V in its dtype, which torch's products lack for bfloat16)
+        low = rank_pool_solve(V.to(torch.bfloat16), mask, 1.0, 0.1, method=method)
+        assert bool(low.converged.all()) and float((low.u.double() - ref.u).abs().max()) < 0.1
+    empty = rank_pool_solve(V[:0], mask[:0], 1.0, 0.1, method=method)
+    assert empty.u.shape == (0, 5)
+    as_tensor = rank_pool_solve(V, mask, torch.tensor(1.0, dtype=torch.float64), 0.1, method=method)
+    torch.testing.assert_close(as_tensor.u, ref.u, rtol=0, atol=0)
+    for bad in (mask.to(torch.int64), mask.to(torch.float32), mask[:, :5]):
+        with pytest.raises(TypeError, match=r"mask must be a bool tensor of shape \(B, T\) = \(2, 12\)"):
+            rank_pool_solve(V, bad, 1.0, 0.1, method=method)
+
+
 def test_which_problems_are_small():
     assert is_small_numpy(2, 50, "cpu") and is_small_numpy(16, 64, torch.device("cpu"))
     assert not is_small_numpy(4, 512, "cpu")  # B n³ above SMALL_FLOPS

@@ -119,6 +119,9 @@ def rank_pool_solve(
     method = check_method(method)
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != V.shape[:2]:
+        raise TypeError(f"mask must be a bool tensor of shape (B, T) = {tuple(V.shape[:2])}, got "
+                        f"{type(mask).__name__ if not isinstance(mask, Tensor) else f'{mask.dtype} of shape {tuple(mask.shape)}'}")
     mask = mask.contiguous()  # the compiled iteration reads it (and sets made like it) as C arrays
     if method == "auto":
         method = choose_method_for(V, C, mask)
@@ -127,7 +130,7 @@ def rank_pool_solve(
     tol = max(float(tol), floor_tol)
     check_tol = max(float(check_tol), floor_check, tol)
     small = method != "cg" and is_small_numpy(V.shape[0], V.shape[1] if method == "tspace" else V.shape[2], V.device)
-    if V.dtype != WIDE and not small and _every_sample_ill(V, C):
+    if V.dtype != WIDE and not small and V.numel() * 8 <= WIDE_AT_ONCE and _every_sample_ill(V, C):
         return _as_wide(rank_pool_solve(V.to(WIDE), mask, C, eps, method=method, **asked), V.dtype)
     if small:
         small = compiled_direct(V.detach().contiguous(), mask, C, eps, method == "tspace", tol=tol,
@@ -175,7 +178,7 @@ def _direct_solution(d: DirectResult, V: Tensor, mask: Tensor, C: float, eps: fl
     """:func:`rank_pool_solve`'s solution from :func:`~poolings.rank.small.compiled_direct`'s arrays:
     the same state, read from NumPy (each small tensor operation there costs more than the
     arithmetic)."""
-    dt = V.dtype
+    dt, C, eps = V.dtype, float(C), float(eps)
     active = d.sign != 0
     load = C * (np.square(d.norms) * active).sum(-1)  # C Σ_A ‖v_t‖², as rank_pool_solve
     ill = torch.finfo(dt).eps * load > ILL_CONDITIONED if dt != WIDE else None
@@ -206,6 +209,12 @@ def _every_sample_ill(V: Tensor, C: float) -> bool:
     (0.19 s), and every sample was redone. One pass over ``V``."""
     load = C * torch.linalg.vector_norm(V.detach(), dim=(1, 2)).square()
     return bool((torch.finfo(V.dtype).eps * load > ILL_CONDITIONED).all())
+
+
+WIDE_AT_ONCE = 2**30
+"""Bytes of ``V`` in float64 up to which a batch ill-conditioned throughout is solved in float64
+at once (:func:`_every_sample_ill`); above, in float32 first and redone in groups of
+:data:`_REDO_BYTES` (the float64 copy of all of ``V`` would be the peak)."""
 
 
 def _as_wide(sol: Solution, dtype: torch.dtype) -> Solution:

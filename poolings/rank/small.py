@@ -410,15 +410,15 @@ def compiled_direct(V: torch.Tensor, mask: torch.Tensor, C: float, eps: float, t
 
     For the problems :func:`is_small_numpy` admits (the caller asks it). ``None`` where this
     path does not apply (the kernel is not built or not used, :data:`COMPILED`; ``V`` not on
-    the CPU; a p-space ``V`` that is neither float32 nor float64; a size the kernel cannot
-    index) or where a candidate matrix could not be factorised: the caller then runs the
+    the CPU, empty, or neither float32 nor float64; a size the kernel cannot index) or where a candidate matrix could not be factorised: the caller then runs the
     general iteration, which reports it. ``V`` must be contiguous."""
     B, T, p = V.shape
     n = T if tspace else p
     kernel = _kernel() if COMPILED else None
-    if (kernel is None or V.device.type != "cpu" or not (tspace or V.dtype in _KERNEL_DTYPES)
+    if (kernel is None or V.device.type != "cpu" or V.dtype not in _KERNEL_DTYPES or V.numel() == 0
             or not kernel.fits(T, n, tspace)):
         return None
+    C, eps = float(C), float(eps)
     m = np.ascontiguousarray(mask.numpy())
     mu8 = m.view(np.uint8)
     y = m.cumsum(1).astype(np.float64)
