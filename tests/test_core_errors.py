@@ -264,6 +264,21 @@ def test_objective_solve_reporting_failure_is_not_silent():
         ArgminLayer(Failing())(V())
 
 
+def test_the_closed_form_mean_reports_itself_and_overflow_is_not_silent(monkeypatch):
+    """SquaredDistance's solve is the exact mean: it reports convergence itself, so the layer
+    skips its stationarity check; a mean that overflows (finite frames of float32's largest size)
+    is refused as before."""
+    monkeypatch.setattr(ArgminLayer, "_check_stationary", lambda *a: pytest.fail("the check ran"))
+    X = V().requires_grad_(True)
+    u = ArgminLayer(SquaredDistance())(X)
+    torch.testing.assert_close(u, X.mean(1))
+    (dV,) = torch.autograd.grad(u.sum(), X)
+    torch.testing.assert_close(dV, torch.full_like(X, 1 / X.shape[1]))
+    big = torch.full((2, 4, 3), 3e38)
+    with pytest.raises(ConvergenceError, match=r"NaN or infinite"):
+        ArgminLayer(SquaredDistance())(big)
+
+
 def test_objective_solve_returning_nan_raises():
     class Broken(SquaredDistance):
         def solve(self, V, mask):
