@@ -186,6 +186,23 @@ def test_nystrom_preconditioner_is_the_stated_operator():
     assert bool((cond_p < cond / 10).all()), (cond, cond_p)
 
 
+def test_a_non_finite_sample_leaves_the_others_their_sketch_and_their_solve():
+    """NaN frames in one sample of a direct ``rank_pool_solve`` call (the layer refuses them
+    earlier): that sample gets no preconditioning and is reported not converged; the others are
+    solved as alone (the sketch's eigenproblem used to raise for the whole batch)."""
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(3, 10, 4, generator=g).cumsum(1) / 10**0.5  # float32
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    bad = V.clone()
+    bad[0, 3, 1] = float("nan")
+    P = NystromPreconditioner.sketch(bad, mask, 1.0)
+    assert bool((P.s[0] == 1).all()) and bool(torch.isfinite(P.s).all()) and not bool((P.s[1] == 1).all())
+    sol = rank_pool_solve(bad, mask, 1.0, 0.1, method="cg")
+    assert sol.converged.tolist() == [False, True, True]
+    good = rank_pool_solve(V[1:], mask[1:], 1.0, 0.1, method="cg")
+    torch.testing.assert_close(sol.u[1:], good.u, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- the choice
 def test_auto_runs_the_chosen_method_and_reports_it():
     tall, wide = _data(2, 400, 4, seed=45, scale=0.1), _data(2, 4, 400, seed=46, scale=0.3)

@@ -83,7 +83,10 @@ class NystromPreconditioner:
         Y = Y + nu.view(B, 1, 1) * Omega
         L, info = torch.linalg.cholesky_ex(Omega.T @ Y)  # (B, k, k)
         F = torch.linalg.solve_triangular(L, Y.transpose(1, 2), upper=False).transpose(1, 2)  # Y L⁻ᵀ
-        sig2, W = torch.linalg.eigh(F.transpose(1, 2) @ F)  # ascending
+        G = F.transpose(1, 2) @ F
+        # a sample with a non-finite sketch (NaN frames in a direct call) gets no preconditioning
+        # below; zeroing its Gram matrix keeps eigh from raising for the whole batch
+        sig2, W = torch.linalg.eigh(torch.where(torch.isfinite(G), G, torch.zeros((), dtype=G.dtype)))  # ascending
         sig2, W = sig2.flip(-1), W.flip(-1)
         keep = sig2 > sig2[:, :1] * torch.finfo(WD).eps * k  # directions the sketch resolves
         U = (F @ W) * torch.where(keep, sig2.clamp_min(torch.finfo(WD).tiny).rsqrt(), torch.zeros_like(sig2)).unsqueeze(1)
