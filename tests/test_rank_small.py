@@ -144,8 +144,12 @@ def test_the_direct_path_leaves_the_state_of_the_space_path(method, dtype, case,
     monkeypatch.setattr(objective, "compiled_direct", lambda *a, **k: calls.append(1) or real(*a, **k))
     direct = rank_pool_solve(V, mask, C, eps, method=method, **opts)
     assert calls
-    monkeypatch.setattr(objective, "compiled_direct", lambda *a, **k: None)
+    monkeypatch.setattr(objective, "kernel_runs", lambda *a, **k: False)  # small_solve: the kernel on a space
+    kernel_on_space = []
+    real_space = small_module.compiled_solve
+    monkeypatch.setattr(small_module, "compiled_solve", lambda *a, **k: kernel_on_space.append(1) or real_space(*a, **k))
     space = rank_pool_solve(V, mask, C, eps, method=method, **opts)
+    assert kernel_on_space
     if case == "u_zero":
         assert bool((direct.u[1:] == 0).all()) and bool(direct.u[0].abs().sum() > 0)
     if case == "ill" and dtype == torch.float32:
@@ -183,6 +187,20 @@ def test_direct_calls_outside_the_kernel(method):
     for bad in (mask.to(torch.int64), mask.to(torch.float32), mask[:, :5]):
         with pytest.raises(TypeError, match=r"mask must be a bool tensor of shape \(B, T\) = \(2, 12\)"):
             rank_pool_solve(V, bad, 1.0, 0.1, method=method)
+
+
+@pytest.mark.skipif(not BUILT, reason="the kernel is not built")
+def test_a_kernel_failure_runs_the_general_iteration_once(monkeypatch):
+    """The kernel reports a candidate it could not factorise (``None``): rank_pool_solve runs the
+    general iteration, without running the kernel again on a space."""
+    kernel = small_module._kernel()
+    calls = []
+    monkeypatch.setattr(kernel, "solve", lambda *a: calls.append(1))
+    V, mask = _case(2, 30, 6, seed=5, walk=True)
+    for method in SPACES:
+        calls.clear()
+        sol = rank_pool_solve(V, mask, 1.0, 0.1, method=method)
+        assert calls == [1] and bool(sol.converged.all())
 
 
 def test_which_problems_are_small():

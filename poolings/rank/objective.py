@@ -29,13 +29,13 @@ from torch import Tensor, nn
 
 from argminlayers import CG, FunctionHessian, LowRankHessian, Objective, Solution, Strategy, Woodbury
 
-from .active_set import active_set_solve
+from .active_set import ActiveSetResult, active_set_solve
 from .common import WIDE, check_rank_param, check_rank_value, excess, frames_combine, frames_dot
 from .common import frames_dot_wide, loss, rank_targets, rounding_floor, signed_active_set
 from .cost import METHODS, choose_method_for
 from .newton_cg import NewtonCGSpace, NystromPreconditioner
 from .pspace import PSpace
-from .small import DirectResult, compiled_direct, is_small_numpy, small_solve
+from .small import DirectResult, compiled_direct, is_small_numpy, kernel_runs, small_solve
 from .tspace import TSpace
 
 METHOD_CHOICES = ("auto", *METHODS)
@@ -132,11 +132,13 @@ def rank_pool_solve(
     small = method != "cg" and is_small_numpy(V.shape[0], V.shape[1] if method == "tspace" else V.shape[2], V.device)
     if V.dtype != WIDE and not small and V.numel() * 8 <= WIDE_AT_ONCE and _every_sample_ill(V, C):
         return _as_wide(rank_pool_solve(V.to(WIDE), mask, C, eps, method=method, **asked), V.dtype)
-    if small:
-        small = compiled_direct(V.detach().contiguous(), mask, C, eps, method == "tspace", tol=tol,
-                                check_tol=check_tol, max_iter=max_iter, step_floor=floor_tol)
-        if small is not None:
-            return _direct_solution(small, V, mask, C, eps, method, asked)
+    n = V.shape[1] if method == "tspace" else V.shape[2]
+    if small and V.numel() and kernel_runs(V.shape[1], n, None if method == "tspace" else V.dtype):
+        d = compiled_direct(V.detach().contiguous(), mask, C, eps, method == "tspace", tol=tol,
+                            check_tol=check_tol, max_iter=max_iter, step_floor=floor_tol)
+        if d is not None:
+            return _direct_solution(d, V, mask, C, eps, method, asked)
+        small = False  # a candidate matrix was not positive definite: the general iteration reports it
     # the iteration is hundreds of small operations: inference mode spares each one the autograd
     # bookkeeping (measured 9 → 6.5 µs per operation on (2, 50) tensors, one thread); what leaves
     # it is copied into ordinary tensors, which the backward may record on
@@ -144,13 +146,24 @@ def rank_pool_solve(
         space = {"tspace": lambda: TSpace(V, mask, C, eps), "pspace": lambda: PSpace(V, mask, C, eps),
                  "cg": lambda: NewtonCGSpace(V, mask, C, eps, tol=tol)}[method]()
         res = None
-        if method != "cg" and is_small_numpy(V.shape[0], space.n, V.device):
+        if small:  # (the NumPy iteration: the compiled one does not take this problem)
             res = small_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter, step_floor=floor_tol)
         if res is None:
             res = active_set_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter, step_floor=floor_tol)
         factor = space.final_factor(res.active) if method != "cg" else None
-        load = C * (space.norms.square() * res.active).sum(-1)  # C Σ_A ‖v_t‖² ≥ ‖H‖ − 1, (B,)
+        gram = space.M if method == "pspace" else None
+        precond = space.precond if method == "cg" else None
+    return _solution(V, mask, C, eps, method, res, space.norms, factor, gram, precond, asked)
+
+
+def _solution(V: Tensor, mask: Tensor, C: float, eps: float, method: str, res: ActiveSetResult, norms: Tensor,
+              factor: Tensor | None, gram: Tensor | None, precond: NystromPreconditioner | None,
+              asked: dict) -> Solution:
+    """:func:`rank_pool_solve`'s solution from the iteration's result ``res`` and what its space
+    holds (the frames' norms, the factor of each final set, p-space's ``M``, cg's preconditioner;
+    inference tensors are copied out), redoing in float64 what needs it (:func:`_finish_in_float64`)."""
     dt = V.dtype
+    load = C * (norms.square() * res.active).sum(-1)  # C Σ_A ‖v_t‖² ≥ ‖H‖ − 1, (B,)
     ill = _ordinary(torch.finfo(dt).eps * load > ILL_CONDITIONED) if dt != WIDE else None
     wide = redo = False
     if ill is not None:  # one read-back for both (each is a device sync on a GPU)
@@ -158,14 +171,14 @@ def rank_pool_solve(
     sd = WIDE if wide else dt  # the state's dtype: the backward runs in it
     state = RankPoolState(method, _ordinary(res.active), _ordinary(excess(res.r, res.sign, eps), sd), wide=wide)
     if method == "tspace":
-        state.u = frames_combine(V, res.x.to(dt)).to(sd)  # u = Vᵀβ: the second pass over V
+        state.u = frames_combine(V.detach(), res.x.to(dt)).to(sd)  # u = Vᵀβ: the second pass over V
         state.factor = _ordinary(factor, sd)
     else:
         state.u = _ordinary(res.x, sd)
         if method == "pspace":
-            state.factor, state.gram = _ordinary(factor, sd), _ordinary(space.M, sd)
+            state.factor, state.gram = _ordinary(factor, sd), _ordinary(gram, sd)
         else:
-            state.preconditioner = NystromPreconditioner(_ordinary(space.precond.U, dt), _ordinary(space.precond.s, dt))
+            state.preconditioner = NystromPreconditioner(_ordinary(precond.U, dt), _ordinary(precond.s, dt))
     sol = Solution(state.u.to(dt), converged=_ordinary(res.converged), iterations=_ordinary(res.iterations),
                    grad_norm=_ordinary(res.grad_norm, dt), state=state)
     if wide or redo:
@@ -175,9 +188,10 @@ def rank_pool_solve(
 
 def _direct_solution(d: DirectResult, V: Tensor, mask: Tensor, C: float, eps: float, method: str,
                      asked: dict) -> Solution:
-    """:func:`rank_pool_solve`'s solution from :func:`~poolings.rank.small.compiled_direct`'s arrays:
-    the same state, read from NumPy (each small tensor operation there costs more than the
-    arithmetic)."""
+    """:func:`_solution` for :func:`~poolings.rank.small.compiled_direct`'s arrays: the same
+    decisions and state, computed in NumPy. Written twice on purpose: at 2 × 50 × 64 the torch
+    form of these few lines took 174 µs of a 400 µs solve, this one about 35 µs (the small path's
+    whole solve 317 against 400 µs); tests hold the two to the same state."""
     dt, C, eps = V.dtype, float(C), float(eps)
     active = d.sign != 0
     load = C * (np.square(d.norms) * active).sum(-1)  # C Σ_A ‖v_t‖², as rank_pool_solve

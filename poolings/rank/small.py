@@ -229,10 +229,7 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
     ``step_floor``: as in :func:`~poolings.rank.active_set.active_set_solve`; ``compiled``:
     ``None`` (default: :data:`COMPILED`), ``True`` or ``False`` (the NumPy iteration)."""
     tspace = isinstance(space, TSpace)
-    kernel = _kernel() if (COMPILED if compiled is None else compiled) else None
-    # a sample too large to index in C int (kernel.fits) runs the NumPy iteration
-    if (kernel is not None and (tspace or space.V.dtype in _KERNEL_DTYPES)
-            and kernel.fits(space.y.shape[1], space.n, tspace)):
+    if kernel_runs(space.y.shape[1], space.n, None if tspace else space.V.dtype, compiled=compiled):
         return compiled_solve(space, C, eps, tol=tol, check_tol=check_tol, max_iter=max_iter, step_floor=step_floor)
     sp = SmallTSpace(space) if tspace else SmallPSpace(space)
     y, norms = space.y.numpy(), space.norms.numpy()  # (B, T) float64 each
@@ -350,6 +347,16 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
+def kernel_runs(T: int, n: int, dtype: torch.dtype | None, *, compiled: bool | None = None) -> bool:
+    """Whether the compiled iteration takes a small problem of ``T`` steps and size ``n``: the
+    kernel is built, current and used (``compiled``: ``None``, :data:`COMPILED`), a p-space ``V``
+    (its ``dtype``; ``None`` for T-space, whose data are float64) is float32 or float64, and a
+    sample fits C int indexing (``kernel.fits``; larger ones run the NumPy iteration)."""
+    kernel = _kernel() if (COMPILED if compiled is None else compiled) else None
+    tspace = dtype is None
+    return kernel is not None and (tspace or dtype in _KERNEL_DTYPES) and kernel.fits(T, n, tspace)
+
+
 def compiled_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check_tol: float,
                    max_iter: int, step_floor: float = 0.0) -> ActiveSetResult | None:
     """:func:`small_solve`'s iteration in :mod:`poolings.rank._small_kernel`: each sample alone,
@@ -408,16 +415,12 @@ def compiled_direct(V: torch.Tensor, mask: torch.Tensor, C: float, eps: float, t
     :meth:`~poolings.rank.factored.FactoredSpace.final_factor`'s: the kernel's cache, refactorised
     where it belongs to another set.
 
-    For the problems :func:`is_small_numpy` admits (the caller asks it). ``None`` where this
-    path does not apply (the kernel is not built or not used, :data:`COMPILED`; ``V`` not on
-    the CPU, empty, or neither float32 nor float64; a size the kernel cannot index) or where a candidate matrix could not be factorised: the caller then runs the
-    general iteration, which reports it. ``V`` must be contiguous."""
+    For the non-empty problems that :func:`is_small_numpy` and :func:`kernel_runs` admit (the
+    caller asks them); ``V`` contiguous, on the CPU. ``None`` where a candidate matrix could not
+    be factorised: the caller then runs the general iteration, which reports it."""
     B, T, p = V.shape
     n = T if tspace else p
-    kernel = _kernel() if COMPILED else None
-    if (kernel is None or V.device.type != "cpu" or V.dtype not in _KERNEL_DTYPES or V.numel() == 0
-            or not kernel.fits(T, n, tspace)):
-        return None
+    kernel = _kernel()
     C, eps = float(C), float(eps)
     m = np.ascontiguousarray(mask.numpy())
     mu8 = m.view(np.uint8)
@@ -427,7 +430,8 @@ def compiled_direct(V: torch.Tensor, mask: torch.Tensor, C: float, eps: float, t
     _add_identity_(cache)  # rows never filled stay finite
     cache_set = np.zeros((B, T), np.uint8)
     if tspace:
-        K = torch.bmm(V, V.transpose(1, 2)).numpy().astype(np.float64)  # TSpace's K
+        K = torch.bmm(V, V.transpose(1, 2))  # TSpace's K, in float64
+        K = K.numpy().astype(np.float64) if K.dtype in _KERNEL_DTYPES else K.to(torch.float64).numpy()
         norms = np.sqrt(np.maximum(np.diagonal(K, axis1=1, axis2=2), 0))
         M = M_set = Vn = None
         out = kernel.solve(K, None, np.zeros((1, 1, 1)), np.zeros((1, 1), np.uint8), y, norms, mu8, C, eps, tol,
