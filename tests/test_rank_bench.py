@@ -30,7 +30,10 @@ def test_rank_length_quick(tmp_path):
         assert r["methods_agree"] < 1e-8
     goal = data["goals"][0]
     assert {"lib_met", "gram_met", "lib_speedup", "over_gram", "solve", "lib_budget"} <= set(goal)
-    assert 0 < goal["solve"] < goal["total"]  # the solve alone is a part of the layer's call
+    # the solve alone is a part of the layer's call; the two are separate medians of a few
+    # milliseconds at these sizes, so on a loaded machine the solve can read above the total
+    # (measured: 1.64 against 1.55 ms during a parallel test run): a margin, not a timing test
+    assert 0 < goal["solve"] < 2 * goal["total"]
     if not (goal["lib_met"] and goal["gram_met"]):
         assert any("Where the time goes: the forward solve alone" in line for line in data["verdict"])
     assert data["memory_goal"]["memory"]["bytes"] > 0 and "met" in data["memory_goal"]
