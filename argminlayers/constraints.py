@@ -528,7 +528,7 @@ class KKTLinearization:
                 Gf = self.lin.record()[2]
                 with torch.enable_grad():  # the sum keeps the graph of both records
                     G = Gc if Gf is None else (Gf if Gc is None else Gf + Gc)
-                self._hessian = AutogradHessian(Ur, G)
+                self._hessian = AutogradHessian(Ur, G, size=self.lin.data_size)
             else:
                 Ur, Gc = self.record()[0], self.constraint_gradient()
                 self._hessian = SumHessian(self.lin.hessian, AutogradHessian(Ur, Gc))

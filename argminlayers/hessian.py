@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .linalg import batched_vjp, vjp
+from .linalg import batched_vjp, rows_per_pass, vjp
 
 
 class HessianOperator:
@@ -107,16 +107,20 @@ class AutogradHessian(HessianOperator):
         G: ``∇_U Σ f`` with its graph, or ``None`` when ``f`` does not depend on ``u`` (``H = 0``).
         create_graph: keep the graph of each product (double backward).
         diagonal: optional ``() -> (B, q)``, cheaper than the dense Hessian.
+        size: about how many entries one product's intermediates hold (the data ``f`` reads);
+            ``None``: small.
 
-    :meth:`dense` stacks ``q`` products in one batched reverse pass and keeps the result.
+    :meth:`dense` stacks ``q`` products in batched reverse passes, as many a pass as fit
+    :func:`~argminlayers.linalg.rows_per_pass` for ``size``, and keeps the result.
     """
 
     def __init__(self, U: Tensor, G: Tensor | None, *, create_graph: bool = False,
-                 diagonal: Callable[[], Tensor] | None = None):
+                 diagonal: Callable[[], Tensor] | None = None, size: int | None = None):
         B = U.shape[0]
         super().__init__(B, math.prod(U.shape[1:]), U.dtype, U.device)
         self.U, self.G, self.create_graph = U, G, create_graph
         self._diagonal = diagonal
+        self._size = size
         self._dense: Tensor | None = None
 
     def matvec(self, x: Tensor) -> Tensor:
@@ -132,10 +136,11 @@ class AutogradHessian(HessianOperator):
             if self.G is None or not self.G.requires_grad:
                 self._dense = torch.zeros(B, q, q, dtype=self.dtype, device=self.device)
             else:
-                # q products in one batched reverse pass: row i of every sample's H is ∇(G · e_i)
+                # q products in batched reverse passes: row i of every sample's H is ∇(G · e_i)
                 E = _unit_rows(q, B, self.dtype, self.device).view(q, *self.U.shape)
+                rows = None if self._size is None else rows_per_pass(self._size, self.U.element_size())
                 with torch.enable_grad():
-                    H = batched_vjp(self.G, self.U, E, create_graph=self.create_graph)
+                    H = batched_vjp(self.G, self.U, E, create_graph=self.create_graph, rows=rows)
                 H = torch.zeros(q, B, q, dtype=self.dtype, device=self.device) if H is None else H.reshape(q, B, q)
                 self._dense = H.transpose(0, 1)  # (B, q, q); symmetric, so rows = columns
         return self._dense

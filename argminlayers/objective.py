@@ -630,8 +630,16 @@ class Linearization:
                 if type(self.objective).hessian_diag is not Objective.hessian_diag:
                     obj, V, U, mask, st, inp = self.objective, self.V, self.U, self.mask, self.state, self.inputs
                     diag = lambda: obj.hessian_diag(V, U, mask, st, **inp).reshape(U.shape[0], -1)  # noqa: E731
-                self._hessian = AutogradHessian(Ur, G, create_graph=self.create_graph, diagonal=diag)
+                self._hessian = AutogradHessian(Ur, G, create_graph=self.create_graph, diagonal=diag,
+                                                size=self.data_size)
         return self._hessian
+
+    @property
+    def data_size(self) -> int:
+        """Entries of the largest tensor ``f`` reads (``V`` or an input): about what one reverse
+        pass through ``f`` holds per intermediate."""
+        return max([self.V.numel(), self.U.numel()] + [x.numel() for x in self.inputs.values()
+                                                      if isinstance(x, Tensor)])
 
     # the mixed product ------------------------------------------------------------------
     def vjp(self, W: Tensor, wrt: Mapping[str, Tensor]) -> dict[str, Tensor | None]:

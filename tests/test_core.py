@@ -354,6 +354,38 @@ def test_all_finite():
     assert not all_finite(both)
 
 
+def test_dense_hessian_in_chunks_equals_one_pass(monkeypatch):
+    """The dense Hessian of a recorded gradient, built a few rows a reverse pass (as for data
+    past the cache), equals the one-pass build, also with its graph kept (a double backward
+    through the chunks), and ``rows_per_pass`` sizes the chunks by bytes."""
+    from argminlayers import hessian as hessian_module
+    from argminlayers.linalg import PASS_BYTES, batched_vjp, rows_per_pass
+
+    assert rows_per_pass(10, 8) == PASS_BYTES // 80 and rows_per_pass(10**9, 8) == 1
+    V = data(B=3, T=5, p=7)
+    U = V.mean(1).requires_grad_(True)
+    G = torch.autograd.grad(torch.sqrt(1 + ((U.unsqueeze(1) - V) ** 2).sum(-1)).sum(), U, create_graph=True)[0]
+    E = torch.eye(7, dtype=DT).unsqueeze(1).expand(7, 3, 7).contiguous()
+    whole = batched_vjp(G, U, E)
+    for rows in (1, 3, 6, 7, 50):
+        torch.testing.assert_close(batched_vjp(G, U, E, rows=rows), whole, rtol=0, atol=0)
+    seen = []
+    monkeypatch.setattr(hessian_module, "rows_per_pass", lambda n, size: seen.append((n, size)) or 3)
+    layer = ArgminLayer(lambda v, u: torch.sqrt(1 + ((u - v) ** 2).sum(-1)).sum(), solver="newton", backward="dense")
+    X = V.clone().requires_grad_(True)
+    u = layer(X)
+    assert seen and seen[0] == (V.numel(), 8)  # sized by the data f reads, in its dtype's bytes
+    (gx,) = torch.autograd.grad(u.pow(2).sum(), X, create_graph=True)
+    monkeypatch.undo()
+    X1 = V.clone().requires_grad_(True)
+    u1 = layer(X1)
+    (gx1,) = torch.autograd.grad(u1.pow(2).sum(), X1, create_graph=True)
+    torch.testing.assert_close(u, u1, rtol=0, atol=1e-15)
+    torch.testing.assert_close(gx, gx1, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(gx.sum(), X)[0], torch.autograd.grad(gx1.sum(), X1)[0],
+                               rtol=1e-10, atol=1e-12)
+
+
 def test_positive_diagonal_declared():
     """``positive_diagonal=True`` skips the strategies' check of d, gives the same solve, and
     survives damping (λ > 0 keeps d positive); undeclared, a zero d is refused."""

@@ -198,12 +198,13 @@ def make_hand(objective: str, tol: float, max_iter: int = 50) -> Callable[[Tenso
 def make_bare(objective: str, tol: float, max_iter: int = 50) -> Callable[[Tensor, Tensor], Tensor]:
     """Newton on the plain per-sample function with our layer's derivative machinery and nothing
     else: per iteration one recorded gradient of ``Σ_b f_b`` (with its graph) and the dense
-    Hessian as ``q`` products in one batched reverse pass (``argminlayers.linalg.batched_vjp``),
+    Hessian as ``q`` products in batched reverse passes (``argminlayers.linalg.batched_vjp``, as
+    many a pass as the layer's dense Hessian takes),
     a batched Cholesky and a full step; the hand-written layer's stopping rule; a one-step
     implicit backward through the last record. No line search, no checks (input, convergence,
     curvature), no fallback: what the derivatives cost when they come from autograd, the floor
     under the defaults at the hand-written layer's sizes."""
-    from argminlayers.linalg import batched_vjp, vjp
+    from argminlayers.linalg import batched_vjp, rows_per_pass, vjp
     from argminlayers.objective import FunctionObjective
 
     obj = FunctionObjective(pseudo_huber if objective == "pseudo_huber" else weighted_pseudo_huber)
@@ -223,10 +224,11 @@ def make_bare(objective: str, tol: float, max_iter: int = 50) -> Callable[[Tenso
             E = torch.eye(q, dtype=V.dtype, device=V.device).unsqueeze(1).expand(q, B, q).contiguous()
             Vd, Wd = V.detach().requires_grad_(True), (W.detach().requires_grad_(True) if weighted else None)
             U, thresh, prev = mean_init(V), None, math.inf
+            rows = rows_per_pass(V.numel(), V.element_size())
             with torch.enable_grad():
                 for _ in range(max_iter + 1):
                     Ur, G = record(Vd, U, Wd, mask)
-                    L = torch.linalg.cholesky(batched_vjp(G, Ur, E).transpose(0, 1))
+                    L = torch.linalg.cholesky(batched_vjp(G, Ur, E, rows=rows).transpose(0, 1))
                     g = G.detach()
                     thresh, prev, stop = _newton_stop(g, thresh, prev, tol)
                     if stop:
