@@ -4,7 +4,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# the compiled part (poolings/rank/_small_kernel.pyx), built in place
+# the compiled parts (poolings/rank/_small_kernel.pyx, argminlayers/_lbfgs.pyx), built in place
 KERNEL := $(VENV)/.kernel
 
 .PHONY: demo test env clean
@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml setup.py scripts/setup_env.sh
 
 # rebuilt when its source changes after the environment was made (not again right after
 # setup_env.sh, whose editable install has just built it)
-$(KERNEL): poolings/rank/_small_kernel.pyx | $(STAMP)
-	@if [ -z "$$(find poolings/rank -name '_small_kernel*.so' -newer poolings/rank/_small_kernel.pyx)" ]; then \
-		echo "building poolings/rank/_small_kernel"; \
+$(KERNEL): poolings/rank/_small_kernel.pyx argminlayers/_lbfgs.pyx | $(STAMP)
+	@if [ -z "$$(find poolings/rank -name '_small_kernel*.so' -newer poolings/rank/_small_kernel.pyx)" ] || \
+	    [ -z "$$(find argminlayers -name '_lbfgs*.so' -newer argminlayers/_lbfgs.pyx)" ]; then \
+		echo "building the compiled parts"; \
 		$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .; \
 	fi
 	touch $(KERNEL)

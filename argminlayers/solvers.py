@@ -379,51 +379,124 @@ class LBFGS(Solver):
         self.history = history
 
     def minimize(self, problem: Problem, U0: Tensor) -> Solution:
+        pairs = (_CompiledPairs if _CompiledPairs.takes(U0) else _TorchPairs)(U0, self.history)
+        return self._descend(problem, U0, pairs.direction, pairs.store, is_step=pairs.has_pair)
+
+
+class _TorchPairs:
+    """L-BFGS's pairs and two-loop recursion in batched torch operations (any device, dtype and
+    autograd mode). The pairs, newest last: s, y and their scaled ρs, ρy (ρ = 1/sᵀy), each
+    (B, q) with zeros for a sample that stored no pair at that step; a ring of Python lists
+    (no indexing ops per use)."""
+
+    def __init__(self, U0: Tensor, history: int):
+        B = U0.shape[0]
+        self.m = history
+        self.S: list[Tensor] = []
+        self.Y: list[Tensor] = []
+        self.rS: list[Tensor] = []
+        self.rY: list[Tensor] = []
+        self.gamma = U0.new_ones(B, 1)
+        self.first = torch.ones(B, dtype=torch.bool, device=U0.device)
+        self.any_first = True  # whether some sample has no pair yet (read back when it changes)
+
+    def direction(self, lin: Linearization, U: Tensor, gnorm: Tensor, active: Tensor) -> tuple[Tensor, None]:
+        g = lin.grad
+        r = g
+        alphas = []
+        for sj, yj in zip(reversed(self.rS), reversed(self.Y)):  # newest first
+            a = (sj * r).sum(-1, keepdim=True)
+            alphas.append(a)
+            r = torch.addcmul(r, a, yj, value=-1)
+        r = self.gamma * r
+        for sj, yj, a in zip(self.S, self.rY, reversed(alphas)):  # oldest first
+            r = torch.addcmul(r, a - (yj * r).sum(-1, keepdim=True), sj)
+        if self.any_first:  # first step: a unit-length steepest-descent step, scaled by the gradient
+            r = torch.where(self.first.unsqueeze(-1), g / gnorm.clamp_min(1.0).unsqueeze(-1), r)
+        return -r, None
+
+    def store(self, s: Tensor, y: Tensor, stepped: Tensor) -> None:
+        sy = (s * y).sum(-1, keepdim=True)
+        yy = (y * y).sum(-1, keepdim=True)
+        ss = (s * s).sum(-1, keepdim=True)
+        good = stepped.unsqueeze(-1) & (sy > torch.finfo(s.dtype).eps * ss.sqrt() * yy.sqrt())  # (NaN fails)
+        zero = s.new_zeros(())
+        rho = torch.where(good, sy.reciprocal(), zero)  # 1/sᵀy, 0 where no pair is stored
+        if len(self.S) == self.m:
+            for ring in (self.S, self.Y, self.rS, self.rY):
+                ring.pop(0)
+        s, y = torch.where(good, s, zero), torch.where(good, y, zero)
+        self.S.append(s)
+        self.Y.append(y)
+        self.rS.append(s * rho)
+        self.rY.append(y * rho)
+        self.gamma.copy_(torch.where(good, sy / yy, self.gamma))  # (yy > 0 where good; the other branch is not taken)
+        if self.any_first:
+            self.first.logical_and_(~good.squeeze(-1))
+            self.any_first = bool(self.first.any())
+
+    def has_pair(self) -> Tensor:
+        return ~self.first
+
+
+class _CompiledPairs:
+    """The same pairs and recursion on CPU float32/float64 tensors, one compiled call a
+    direction and one a stored pair (:mod:`argminlayers._lbfgs`): a ring of ``m`` slots
+    ``S, Y (m, B, q)``, ``rho (m, B)``, the oldest at ``head``."""
+
+    @staticmethod
+    def takes(U0: Tensor) -> bool:
+        return (COMPILED and U0.device.type == "cpu" and U0.dtype in (torch.float32, torch.float64)
+                and not (torch.is_grad_enabled() and U0.requires_grad) and _lbfgs_kernel() is not None)
+
+    def __init__(self, U0: Tensor, history: int):
         B, q = U0.shape
-        m = self.history
-        # the pairs, newest last: s, y and their scaled ρs, ρy (ρ = 1/sᵀy), each (B, q) with zeros for a
-        # sample that stored no pair at that step; a ring of Python lists (no indexing ops per use)
-        S: list[Tensor] = []
-        Y: list[Tensor] = []
-        rS: list[Tensor] = []
-        rY: list[Tensor] = []
-        gamma = U0.new_ones(B, 1)
-        first = torch.ones(B, dtype=torch.bool, device=U0.device)
-        any_first = [True]  # whether some sample has no pair yet (read back when it changes)
+        self.kernel = _lbfgs_kernel()
+        self.S = U0.new_zeros(history, B, q)
+        self.Y = U0.new_zeros(history, B, q)
+        self.rho = U0.new_zeros(history, B)
+        self.head = self.count = 0
+        self.gamma = U0.new_ones(B)
+        self.first = torch.ones(B, dtype=torch.bool)
+        self.alphas = torch.empty(history, dtype=torch.float64).numpy()
+        self.eps = torch.finfo(U0.dtype).eps
+        self.arrays = (self.S.numpy(), self.Y.numpy(), self.rho.numpy())
+        self.gamma_np, self.first_np = self.gamma.numpy(), self.first.numpy().view("u1")
 
-        def direction(lin, U, gnorm, active):
-            g = lin.grad
-            r = g
-            alphas = []
-            for sj, yj in zip(reversed(rS), reversed(Y)):  # newest first
-                a = (sj * r).sum(-1, keepdim=True)
-                alphas.append(a)
-                r = torch.addcmul(r, a, yj, value=-1)
-            r = gamma * r
-            for sj, yj, a in zip(S, rY, reversed(alphas)):  # oldest first
-                r = torch.addcmul(r, a - (yj * r).sum(-1, keepdim=True), sj)
-            if any_first[0]:  # first step: a unit-length steepest-descent step, scaled by the gradient
-                r = torch.where(first.unsqueeze(-1), g / gnorm.clamp_min(1.0).unsqueeze(-1), r)
-            return -r, None
+    def direction(self, lin: Linearization, U: Tensor, gnorm: Tensor, active: Tensor) -> tuple[Tensor, None]:
+        g = lin.grad.detach().to(self.S.dtype).contiguous()
+        d = torch.empty_like(g)
+        S, Y, rho = self.arrays
+        self.kernel.direction(S, Y, rho, self.head, self.count, self.gamma_np, self.first_np, g.numpy(),
+                              gnorm.detach().to(g.dtype).contiguous().numpy(), d.numpy(), self.alphas)
+        return d, None
 
-        def after_step(s, y, stepped):
-            sy = (s * y).sum(-1, keepdim=True)
-            yy = (y * y).sum(-1, keepdim=True)
-            ss = (s * s).sum(-1, keepdim=True)
-            good = stepped.unsqueeze(-1) & (sy > torch.finfo(s.dtype).eps * ss.sqrt() * yy.sqrt())  # (NaN fails)
-            zero = s.new_zeros(())
-            rho = torch.where(good, sy.reciprocal(), zero)  # 1/sᵀy, 0 where no pair is stored
-            if len(S) == m:
-                for ring in (S, Y, rS, rY):
-                    ring.pop(0)
-            s, y = torch.where(good, s, zero), torch.where(good, y, zero)
-            S.append(s)
-            Y.append(y)
-            rS.append(s * rho)
-            rY.append(y * rho)
-            gamma.copy_(torch.where(good, sy / yy, gamma))  # (yy > 0 where good; the other branch is not taken)
-            if any_first[0]:
-                first.logical_and_(~good.squeeze(-1))
-                any_first[0] = bool(first.any())
+    def store(self, s: Tensor, y: Tensor, stepped: Tensor) -> None:
+        m = self.S.shape[0]
+        if self.count == m:
+            self.head = (self.head + 1) % m
+            self.count -= 1
+        slot = (self.head + self.count) % m
+        self.count += 1
+        S, Y, rho = self.arrays
+        self.kernel.store(S, Y, rho, slot, s.detach().to(self.S.dtype).contiguous().numpy(),
+                          y.detach().to(self.S.dtype).contiguous().numpy(),
+                          stepped.contiguous().numpy().view("u1"), self.gamma_np, self.first_np, self.eps)
 
-        return self._descend(problem, U0, direction, after_step, is_step=lambda: ~first)
+    def has_pair(self) -> Tensor:
+        return ~self.first
+
+
+#: Use the compiled L-BFGS steps where they are built and apply (False: always torch).
+COMPILED = True
+_KERNEL = False
+
+
+def _lbfgs_kernel():
+    global _KERNEL
+    if _KERNEL is False:
+        from ._compiled import load_compiled
+
+        _KERNEL = load_compiled("argminlayers._lbfgs", "L-BFGS runs its steps in torch operations")
+    return _KERNEL
+

@@ -386,6 +386,78 @@ def test_dense_hessian_in_chunks_equals_one_pass(monkeypatch):
                                rtol=1e-10, atol=1e-12)
 
 
+def _pair_sequence(B, q, steps, dtype, seed=0):
+    """Steps ``(s, y, stepped)`` with every case of the pair update: stored pairs, samples that
+    did not step, pairs refused for ``sᵀy ≤ 0`` or a NaN, and more steps than the ring holds."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(steps):
+        s = torch.randn(B, q, generator=g, dtype=torch.float64)
+        A = torch.randn(B, q, q, generator=g, dtype=torch.float64)
+        y = (A @ A.transpose(1, 2) + torch.eye(q, dtype=torch.float64)) @ s.unsqueeze(-1)
+        y = y.squeeze(-1)
+        if k % 3 == 1:
+            y[0] = -s[0]  # sᵀy < 0: refused
+        if k == 4:
+            y[-1, 0] = float("nan")  # refused, no NaN stored
+        stepped = torch.rand(B, generator=g) > 0.2
+        stepped[1 % B] = k != 0  # one sample has no pair after the first step
+        out.append((s.to(dtype), y.to(dtype), stepped))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_lbfgs_pairs_match_torch(dtype):
+    """The compiled two-loop recursion and pair store (CPU) give the torch form's directions and
+    state through a ring that wraps, zero pairs, refused pairs and samples with no pair yet."""
+    from argminlayers import solvers
+
+    if solvers._lbfgs_kernel() is None:
+        pytest.skip("argminlayers._lbfgs is not built")
+    B, q, m = 5, 4, 3
+    U0 = torch.zeros(B, q, dtype=dtype)
+    ours, ref = solvers._CompiledPairs(U0, m), solvers._TorchPairs(U0, m)
+
+    class Lin:
+        grad: torch.Tensor
+
+    lin, tol = Lin(), (1e-5 if dtype == torch.float32 else 1e-12)
+    g = torch.Generator().manual_seed(3)
+    for s, y, stepped in _pair_sequence(B, q, 8, dtype) + [(None, None, None)]:
+        lin.grad = torch.randn(B, q, generator=g, dtype=torch.float64).to(dtype)
+        gnorm = lin.grad.norm(dim=-1)
+        d, d_ref = ours.direction(lin, U0, gnorm, None)[0], ref.direction(lin, U0, gnorm, None)[0]
+        torch.testing.assert_close(d, d_ref, rtol=tol, atol=tol)
+        assert torch.equal(ours.has_pair(), ref.has_pair())
+        if s is not None:
+            ours.store(s, y, stepped)
+            ref.store(s, y, stepped)
+            torch.testing.assert_close(ours.gamma, ref.gamma.squeeze(-1), rtol=tol, atol=0)
+    assert bool(ours.has_pair()[1]) and not bool(torch.isnan(ours.S).any() or torch.isnan(ours.Y).any())
+
+
+def test_lbfgs_layer_is_the_same_compiled_or_not(monkeypatch):
+    """L-BFGS with and without its compiled steps: the same minimiser, iterations and gradients."""
+    from argminlayers import solvers
+
+    if solvers._lbfgs_kernel() is None:
+        pytest.skip("argminlayers._lbfgs is not built")
+    layer = ArgminLayer(PseudoHuber(delta=0.7), solver="lbfgs", backward="cg")
+    V = data(B=4, T=6, p=5, seed=2)
+    runs = []
+    for compiled in (True, False):
+        monkeypatch.setattr(solvers, "COMPILED", compiled)
+        X = V.clone().requires_grad_(True)
+        sol = layer.solve(X)
+        u = layer(X)
+        (gx,) = torch.autograd.grad(u.pow(2).sum(), X)
+        runs.append((sol, u, gx))
+    (a, ua, ga), (b, ub, gb) = runs
+    assert bool(a.converged.all()) and torch.equal(a.iterations, b.iterations)
+    torch.testing.assert_close(ua, ub, rtol=0, atol=1e-14)
+    torch.testing.assert_close(ga, gb, rtol=0, atol=1e-13)
+
+
 def test_positive_diagonal_declared():
     """``positive_diagonal=True`` skips the strategies' check of d, gives the same solve, and
     survives damping (λ > 0 keeps d positive); undeclared, a zero d is refused."""

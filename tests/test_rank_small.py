@@ -4,6 +4,8 @@ their refusal paths; which problems take them; that the kernel is built and curr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -315,8 +317,8 @@ def test_a_kernel_older_than_its_source_is_not_used(monkeypatch, tmp_path):
     kernel = small_module._kernel()
     monkeypatch.setattr(small_module, "_KERNEL", False)
     built = os.stat(kernel.__file__).st_mtime
-    source = small_module.Path(small_module.__file__).with_name("_small_kernel.pyx")
-    real_stat = small_module.Path.stat
+    source = Path(small_module.__file__).with_name("_small_kernel.pyx")
+    real_stat = Path.stat
 
     def stat(self, *a, **k):
         st = real_stat(self, *a, **k)
@@ -324,7 +326,7 @@ def test_a_kernel_older_than_its_source_is_not_used(monkeypatch, tmp_path):
             return os.stat_result((*st[:8], built + 10, built + 10))
         return st
 
-    monkeypatch.setattr(small_module.Path, "stat", stat)
+    monkeypatch.setattr(Path, "stat", stat)
     with pytest.warns(RuntimeWarning, match="older than its source _small_kernel.pyx: rebuild it with `make env`"):
         assert small_module._kernel() is None
     V, mask = _case(2, 30, 6, seed=5, walk=True)

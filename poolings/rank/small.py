@@ -43,12 +43,12 @@ exactly zero and they are never active. Problems qualify by :func:`is_small_nump
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from argminlayers._compiled import load_compiled
 
 from .active_set import ActiveSetResult
 from .common import exact_line_search
@@ -193,27 +193,11 @@ def _keep(cache: np.ndarray, cache_set: np.ndarray, H: np.ndarray, rows: np.ndar
 def _kernel():
     """The compiled iteration (:mod:`poolings.rank._small_kernel`), imported on first use; ``None``
     where the package was installed without it (no C compiler), or where it is older than its
-    source (a checkout that changed ``_small_kernel.pyx`` since the build: said once, and the
-    NumPy iteration runs until ``make env`` or ``pip install -e .`` rebuilds it)."""
+    source (see :func:`argminlayers._compiled.load_compiled`)."""
     global _KERNEL
     if _KERNEL is False:
-        try:
-            from . import _small_kernel
-        except ImportError:
-            _KERNEL = None
-        else:
-            _KERNEL = None if _stale(_small_kernel.__file__) else _small_kernel
+        _KERNEL = load_compiled("poolings.rank._small_kernel", "rank pooling's small problems run the NumPy iteration")
     return _KERNEL
-
-
-def _stale(built: str) -> bool:
-    source = Path(__file__).with_name("_small_kernel.pyx")
-    if source.exists() and source.stat().st_mtime > Path(built).stat().st_mtime:
-        warnings.warn(f"{built} is older than its source {source.name}: rebuild it with `make env` (or "
-                      f"`pip install -e .`); rank pooling's small problems run the NumPy iteration meanwhile",
-                      RuntimeWarning, stacklevel=3)
-        return True
-    return False
 
 
 _KERNEL = False
