@@ -221,6 +221,8 @@ class ArgminLayer(nn.Module):
         return self._call(V, mask, None, inputs, True)
 
     def _call(self, V: Tensor, mask: Any, lengths: Any, inputs: dict, validated: bool) -> Tensor:
+        if torch.is_inference_mode_enabled():  # (also inside a compiled model, where the call runs eagerly)
+            return _outside_inference(self._call, V, mask, lengths, inputs, validated)
         if not isinstance(V, Tensor):
             raise TypeError(f"V must be a torch.Tensor of shape (B, ...), got {type(V).__name__}")
         if (V.dim() == 2 and (mask is not None or lengths is not None) and self.init is None
@@ -280,6 +282,9 @@ class ArgminLayer(nn.Module):
         """The forward solve alone (no autograd), with convergence reported: ``V`` validated,
         padded steps zeroed; returns the :class:`~argminlayers.Solution` (``status`` per sample,
         ``multipliers`` for constrained problems)."""
+        if torch.is_inference_mode_enabled():
+            return _outside_inference(lambda V, mask, _, inputs, __: self.solve(V, mask, **inputs), V, mask, None,
+                                      inputs, False)
         mask = resolve_mask(V, mask, sequence=False)
         V = zero_padding(V, mask)
         check_inputs(inputs, V)
@@ -649,6 +654,22 @@ def _caller_stacklevel() -> int:
             return level
         frame, level = frame.f_back, level + 1
     return 1
+
+
+def _outside_inference(call: Callable, V: Any, mask: Any, lengths: Any, inputs: dict, validated: bool) -> Any:
+    """``call(V, mask, lengths, inputs, validated)`` with inference mode off, under ``no_grad``.
+
+    Inference mode turns autograd off even where the solver and the checks turn it on again to
+    differentiate ``f`` (its gradient and Hessian products), so inside it a record has no graph
+    and ``f`` would look flat in ``u``. The solve runs as under ``no_grad`` instead, on normal
+    copies of the inference tensors among its arguments (those cannot be saved for a reverse
+    pass); the result is an ordinary tensor that needs no gradient."""
+
+    def normal(x: Any) -> Any:
+        return x.clone() if isinstance(x, Tensor) and x.is_inference() else x
+
+    with torch.inference_mode(False), torch.no_grad():
+        return call(normal(V), normal(mask), normal(lengths), {k: normal(x) for k, x in inputs.items()}, validated)
 
 
 def _dense_pays(problem: Problem) -> bool:

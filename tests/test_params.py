@@ -360,6 +360,36 @@ def test_torch_compile_matches_eager():
         torch.testing.assert_close(p.grad, g)
 
 
+INFERENCE_LAYERS = {
+    "newton": lambda: ArgminLayer(weighted_pool),
+    "lbfgs": lambda: ArgminLayer(weighted_pool, solver="lbfgs"),
+    "newton_cg": lambda: ArgminLayer(weighted_pool, solver="newton_cg"),
+    "constrained": lambda: ArgminLayer(weighted_pool, eq=lambda v, u: u.sum() - 1),
+}
+
+
+@pytest.mark.parametrize("first", ["inference", "eager"])
+@pytest.mark.parametrize("name", sorted(INFERENCE_LAYERS))
+def test_inference_mode_gives_the_eager_result(name, first):
+    """Under torch.inference_mode (autograd off even where the solver turns it on to differentiate
+    f), the layer and its solve give the eager result, on the first call as on later ones, with
+    V and the keyword inputs made inside it; before, the first call raised and later calls
+    returned a wrong u (f looked flat in u)."""
+    x, lengths, w = torch.randn(3, 6, 4, dtype=DT), torch.tensor([6, 4, 2]), torch.rand(3, 6, dtype=DT) + 0.5
+    layer = INFERENCE_LAYERS[name]()
+    if first == "eager":
+        ref = layer(x, lengths=lengths, w=w)
+    with torch.inference_mode():
+        xi, wi = x.clone(), w.clone()
+        u = layer(xi, lengths=lengths, w=wi)
+        sol = layer.solve(xi, torch.arange(6) < lengths[:, None], w=wi)
+    if first == "inference":
+        ref = layer(x, lengths=lengths, w=w)
+    assert not u.requires_grad and bool(sol.converged.all())
+    torch.testing.assert_close(u, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sol.u, ref, rtol=0, atol=1e-12)
+
+
 def test_vmap_folds_into_the_batch():
     layer = ArgminLayer(weighted_pool)
     V, w = data(B=6).reshape(2, 3, 5, 3), weights(B=6).reshape(2, 3, 5)
