@@ -1002,6 +1002,7 @@ class _Partial(torch.autograd.Function):
             V, U, g, *tensors = ins
             outs = fn(V, U, g, *tensors, create_graph=True)
         ctx.ins, ctx.outs = ins, outs
+        ctx.save_for_backward(*args)
         return tuple(o.detach() if o is not None else None for o in outs)
 
     @staticmethod
@@ -1010,11 +1011,68 @@ class _Partial(torch.autograd.Function):
         diff = [x for x in ctx.ins if isinstance(x, Tensor) and x.requires_grad]
         res: dict[int, Tensor | None] = {}
         if pairs and diff:
-            with torch.enable_grad():
-                got = torch.autograd.grad([o for o, _ in pairs], diff, [gr for _, gr in pairs], allow_unused=True,
-                                          retain_graph=True, create_graph=torch.is_grad_enabled())
+            outs, cot = [o for o, _ in pairs], [gr for _, gr in pairs]
+            if torch.is_grad_enabled():
+                # A graph of this backward: exact in the cotangents (it is linear in them: what the
+                # double-backward trick of torch.autograd.functional.hvp/jvp differentiates), refused in
+                # the layer's inputs (a third derivative: the second-order record is exact to first
+                # order only, see ArgminLayer.implicit_grads)
+                got = _Cotangent.apply((outs, diff), *cot)
+                anchors = [a for a in ctx.saved_tensors if isinstance(a, Tensor) and a.requires_grad]
+                if anchors:
+                    zero = _RefuseThird.apply(*anchors)
+                    got = tuple(x + zero for x in got)
+            else:
+                with torch.enable_grad():
+                    got = torch.autograd.grad(outs, diff, cot, allow_unused=True, retain_graph=True)
             res = {id(x): gx for x, gx in zip(diff, got)}
         return (None, None, *[res.get(id(x)) for x in ctx.ins])
+
+
+_THIRD = ("third derivatives through an ArgminLayer are not supported: its second-order backward is exact to "
+          "first order (first and second derivatives, Hessian-vector products by torch.autograd.functional.hvp/vhp "
+          "and hessian are exact); differentiate the layer at most twice")
+
+
+class _Cotangent(torch.autograd.Function):
+    """``c ↦ Jᵀ c`` for the record ``(outs, ins)`` of a :class:`_Partial` (``J = ∂outs/∂ins``), as a
+    function of the cotangents ``c`` alone. It is linear, so its backward is ``c' ↦ J c'``: the
+    reverse pass of ``Jᵀ z`` (recorded) differentiated in ``z``."""
+
+    @staticmethod
+    def forward(ctx: Any, record: tuple, *cot: Tensor):
+        outs, ins = record
+        ctx.record = record
+        got = torch.autograd.grad(outs, ins, cot, allow_unused=True, retain_graph=True)
+        return tuple(torch.zeros_like(x) if gx is None else gx for x, gx in zip(ins, got))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor):
+        outs, ins = ctx.record
+        with torch.enable_grad():
+            z = [torch.zeros_like(o, requires_grad=True) for o in outs]
+            t = torch.autograd.grad(outs, ins, z, allow_unused=True, retain_graph=True, create_graph=True)
+            pairs = [(ti, gi) for ti, gi in zip(t, grads) if ti is not None and gi is not None and ti.requires_grad]
+            Jc = (torch.autograd.grad([ti for ti, _ in pairs], z, [gi for _, gi in pairs], allow_unused=True)
+                  if pairs else [None] * len(z))
+        Jc = [torch.zeros_like(o) if x is None else x for o, x in zip(outs, Jc)]
+        if torch.is_grad_enabled():  # (a further derivative: refused, never zeros)
+            Jc = [_RefuseTwice.apply(_THIRD, x, x) for x in Jc]
+        return (None, *Jc)
+
+
+class _RefuseThird(torch.autograd.Function):
+    """A zero that depends on the layer's inputs: the part of a graph of the second-order backward
+    that leads back to them. The engine runs its backward only where a derivative with respect to
+    those inputs is asked for (a third derivative), and it raises there."""
+
+    @staticmethod
+    def forward(ctx: Any, *anchors: Tensor) -> Tensor:
+        return anchors[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        raise RuntimeError(_THIRD)
 
 
 class _RefuseTwice(torch.autograd.Function):
@@ -1043,5 +1101,7 @@ class _Solve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
+        if torch.is_grad_enabled():  # differentiable in grad (the same linear map), for a graph of this backward
+            return None, None, _Solve.apply(ctx.strategy, ctx.H, grad)
         with torch.no_grad():
             return None, None, ctx.strategy.solve(ctx.H, grad.to(ctx.H.dtype)).to(grad.dtype)
