@@ -289,7 +289,7 @@ class ArgminLayer(nn.Module):
         V = zero_padding(V, mask)
         check_inputs(inputs, V)
         self._bind(tuple(inputs))
-        with torch.no_grad():
+        with torch.no_grad(), _own_saved_tensors():
             sol, _ = self._solve(V.detach(), {k: x.detach() for k, x in inputs.items()}, mask=mask)
         return sol
 
@@ -656,6 +656,25 @@ def _caller_stacklevel() -> int:
     return 1
 
 
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
+def _own_saved_tensors() -> Any:
+    """The solver's own records keep their saved tensors as they are: identity hooks over any
+    the caller set (``torch.utils.checkpoint``'s non-reentrant form, ``save_on_cpu``). Those
+    records are differentiated inside the call, so the caller's hooks would run on every inner
+    reverse pass: checkpoint recomputed the whole checkpointed region for each one (a BatchNorm
+    in it counted 11 batches in one forward), and ``save_on_cpu`` would move every Hessian product
+    to the CPU and back. The layer's own saved tensors (those of the autograd Function) still go
+    through the caller's hooks. (Nothing where no hooks are set, or where hooks are disabled, as
+    under a torch.func transform.)"""
+    hooks = torch._C._autograd
+    if not hooks._saved_tensors_hooks_is_enabled() or hooks._top_saved_tensors_default_hooks(False) is None:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+
+
 def _outside_inference(call: Callable, V: Any, mask: Any, lengths: Any, inputs: dict, validated: bool) -> Any:
     """``call(V, mask, lengths, inputs, validated)`` with inference mode off, under ``no_grad``.
 
@@ -826,7 +845,8 @@ class _ArgminFunction(torch.autograd.Function):
             mask = resolve_mask(V, mask, call.lengths, sequence=False)
             Vz = zero_padding(V, mask)
         check_inputs(inputs, Vz)
-        sol, problem = layer._solve(*_leaves(Vz, inputs, call.track), mask=mask, known=tensors[n_in:])
+        with _own_saved_tensors():
+            sol, problem = layer._solve(*_leaves(Vz, inputs, call.track), mask=mask, known=tensors[n_in:])
         call.sol, call.problem, call.mask = sol, problem, mask
         conv = sol.converged
         call.ok = None if conv is None or bool(conv.all()) else conv
@@ -856,7 +876,8 @@ class _ArgminFunction(torch.autograd.Function):
         _check_captured(layer, call, tensors[n_in + n_par:])
         # the objective is evaluated with the parameters of the forward pass (the same tensors,
         # unless the forward ran under torch.func.functional_call or they were swapped since)
-        with _bound_parameters(layer.objective, dict(zip(call.params, tensors[n_in:n_in + n_par]))):
+        with _bound_parameters(layer.objective, dict(zip(call.params, tensors[n_in:n_in + n_par]))), \
+                _own_saved_tensors():
             twice = torch.is_grad_enabled()
             strategy = layer.pick_strategy(problem, call.sol)
             name = getattr(strategy, "name", repr(strategy))

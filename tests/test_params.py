@@ -434,6 +434,51 @@ def test_inference_mode_gives_the_eager_result(name, first):
     torch.testing.assert_close(sol.u, ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("solver", ["newton", "lbfgs", "newton_cg"])
+def test_caller_saved_tensor_hooks_see_only_the_layers_own_tensors(solver):
+    """The solver's inner records keep their saved tensors to themselves: a caller's hooks pack
+    the two the layer's autograd Function saves (V and u*), however many reverse passes the solve
+    and the backward make inside."""
+    layer = ArgminLayer(lambda v, u: torch.sqrt(1 + ((u - v) ** 2).sum(-1)).sum(), solver=solver)
+    V = data().requires_grad_(True)
+    layer(V)
+    packs, unpacks = [], []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: packs.append(1) or x, lambda x: unpacks.append(1) or x):
+        layer(V).sum().backward()
+    assert len(packs) == len(unpacks) == 2
+
+
+def test_non_reentrant_checkpoint_runs_the_region_once():
+    """Under torch.utils.checkpoint(use_reentrant=False) the checkpointed region runs once in the
+    forward (a BatchNorm in it counts one batch; the inner reverse passes used to recompute the
+    region, 11 times), also on the layer's first call; output and gradients equal the plain call.
+    (The backward's recompute runs it once more, as checkpoint does for any region.)"""
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.pool = nn.BatchNorm1d(3), ArgminLayer(lambda v, u: torch.sqrt(1 + ((u - v) ** 2).sum(-1)).sum())
+
+        def forward(self, V):
+            return self.pool(self.bn(V.transpose(1, 2)).transpose(1, 2))
+
+    V = torch.randn(2, 4, 3, dtype=DT) + 5.0
+    torch.manual_seed(0)
+    plain, ckpt = Block().double(), Block().double()
+    ckpt.load_state_dict(plain.state_dict())
+    X, Y = V.clone().requires_grad_(True), V.clone().requires_grad_(True)
+    ref = plain(X)
+    out = checkpoint(ckpt, Y, use_reentrant=False)  # the layer's first call, inside the checkpoint
+    assert int(ckpt.bn.num_batches_tracked) == 1
+    torch.testing.assert_close(ckpt.bn.running_mean, plain.bn.running_mean)
+    torch.testing.assert_close(out, ref)
+    ref.pow(2).sum().backward()
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(Y.grad, X.grad)
+    torch.testing.assert_close(ckpt.bn.weight.grad, plain.bn.weight.grad)
+
+
 def test_vmap_folds_into_the_batch():
     layer = ArgminLayer(weighted_pool)
     V, w = data(B=6).reshape(2, 3, 5, 3), weights(B=6).reshape(2, 3, 5)
