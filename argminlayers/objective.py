@@ -381,6 +381,8 @@ class _Signature:
 
     def __init__(self, fn: Callable[..., Any], name: str, what: str = "objective function"):
         self.name, self.what = name, what
+        if isinstance(fn, nn.Module):  # its call is (*args, **kwargs): its forward says what it takes
+            fn = fn.forward
         try:
             params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):

@@ -163,6 +163,33 @@ def test_module_objective_parameters():
     assert torch.autograd.gradcheck(fn, (data().requires_grad_(True), s))
 
 
+def test_module_objective_signature_is_its_forwards():
+    """A module objective is called by the rules of its forward's signature, as a function is: a
+    maskless forward(v, u) gets no mask, forward(v, u, w) with a keyword input gets it by name, and
+    an argument with a default after (v, u) is refused by name (it received the mask before, and
+    forward(v, u) raised torch's TypeError: the module's own call takes (*args, **kwargs))."""
+    ph = lambda v, u: torch.sqrt(1 + ((u - v) ** 2).sum(-1)).sum()  # noqa: E731
+
+    class Plain(nn.Module):
+        def forward(self, v, u):
+            return ph(v, u)
+
+    class Weighted(nn.Module):
+        def forward(self, v, u, mask, w):
+            return weighted_pool(v, u, mask, w)
+
+    class Defaulted(nn.Module):
+        def forward(self, v, u, delta=2.0):
+            return (delta**2 * (torch.sqrt(1 + ((u - v) ** 2).sum(-1) / delta**2) - 1)).sum()
+
+    V, w, lengths = data(), weights(), torch.tensor([5, 3, 2])
+    torch.testing.assert_close(ArgminLayer(Plain())(V), ArgminLayer(ph)(V), rtol=0, atol=0)
+    torch.testing.assert_close(ArgminLayer(Weighted())(V, lengths=lengths, w=w),
+                               ArgminLayer(weighted_pool)(V, lengths=lengths, w=w), rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"'Defaulted': its argument 'delta' after \(v, u\) would receive the mask"):
+        ArgminLayer(Defaulted())(V)
+
+
 def test_captured_tensor_gets_its_gradient():
     scale = torch.tensor(1.3, dtype=DT, requires_grad=True)
 
