@@ -660,6 +660,20 @@ def _same(x: Tensor) -> Tensor:
     return x
 
 
+def _changed_since(live: tuple, saved: tuple) -> bool:
+    """Whether the saved tensors (as unpacked for the backward) hold other values than the live
+    tensors the forward was given: never where they share memory (a live tensor modified in place
+    is then refused by autograd's version check), only where saved-tensor hooks made copies."""
+    for a, b in zip(live, saved):
+        if a is b or not isinstance(a, Tensor) or not isinstance(b, Tensor):
+            continue
+        if a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride():
+            continue
+        if a.shape != b.shape or not torch.equal(a, b.to(a.device)):
+            return True
+    return False
+
+
 def _own_saved_tensors() -> Any:
     """The solver's own records keep their saved tensors as they are: identity hooks over any
     the caller set (``torch.utils.checkpoint``'s non-reentrant form, ``save_on_cpu``). Those
@@ -800,6 +814,7 @@ class _Call:
     problem: Problem | None = None
     ok: Tensor | None = None
     mask: Tensor | None = None
+    given: tuple = ()  # V and the keyword inputs the forward was given
     extra: dict = field(default_factory=dict)
 
 
@@ -839,11 +854,15 @@ class _ArgminFunction(torch.autograd.Function):
     def forward(layer: ArgminLayer, call: _Call, V: Tensor, mask: Any, *tensors: Tensor) -> Tensor:
         n_in = len(call.names)
         inputs = dict(zip(call.names, tensors[:n_in]))
+        given = mask
         if call.validated:
             Vz = V
         else:
             mask = resolve_mask(V, mask, call.lengths, sequence=False)
             Vz = zero_padding(V, mask)
+        if mask is given:  # the caller's own tensor: the backward reads it, so keep it as it is now
+            mask = mask.clone()
+        call.given = (V, *tensors[:n_in])
         check_inputs(inputs, Vz)
         with _own_saved_tensors():
             sol, problem = layer._solve(*_leaves(Vz, inputs, call.track), mask=mask, known=tensors[n_in:])
@@ -868,6 +887,13 @@ class _ArgminFunction(torch.autograd.Function):
         need_v, need_t = bool(needs[2]), [bool(x) for x in needs[4:]]
         problem, mask = call.problem, call.mask
         n_in = len(call.names)
+        if _changed_since(call.given, (V, *tensors[:n_in])):
+            # saved-tensor hooks handed back the forward's values, and the live tensors were modified in
+            # place since (allowed under such hooks): differentiate at the values of the forward pass
+            Vz = V if call.validated else zero_padding(V, mask)
+            problem = Problem(problem.objective, Vz, mask, dict(zip(call.names, tensors[:n_in])), problem.q_shape,
+                              problem.constraints)
+            call.problem = problem
         g = grad_u
         if call.ok is not None:  # samples that are not minima get no gradient (the warning said so)
             g = _zero_outside(call.ok, g)
