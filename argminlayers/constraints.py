@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from .errors import DegeneracyWarning
 from .hessian import AutogradHessian, HessianOperator
+from .linalg import batched_vjp
 from .objective import CONVERGED, NOT_STATIONARY, Objective, Solution, SolverState, _Signature, vmap_call
 
 _METHODS = {"eq": "equality_constraints", "ineq": "inequality_constraints"}
@@ -498,8 +499,7 @@ class KKTLinearization:
         if r == 0 or not C.requires_grad:
             return C.new_zeros(B, r, q)
         with torch.enable_grad():
-            (J,) = torch.autograd.grad(C, Ur, E.contiguous(), retain_graph=True, is_grads_batched=True,
-                                       allow_unused=True)
+            J = batched_vjp(C, Ur, E.contiguous())
         if J is None:
             return C.new_zeros(B, r, q)
         return J.reshape(r, B, q).transpose(0, 1).detach()

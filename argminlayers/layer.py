@@ -841,10 +841,23 @@ def _damping_hint(damping: float):
 
 _NO_FUNC_TRANSFORMS = (
     "{name}: torch.func derivative transforms (grad, jacrev, jacfwd, hessian, jvp) over the layer are not "
-    "supported; use torch.autograd.grad or torch.autograd.functional.jacobian/hessian (reverse mode), "
+    "supported; use torch.autograd.grad or torch.autograd.functional.jacobian/hessian with vectorize=False (reverse mode), "
     "torch.autograd.forward_ad (forward mode), and torch.func.vmap over the layer itself (it folds the mapped "
     "dimension into the batch)"
 )
+
+
+_NO_BATCHED = (
+    "{name}: batched products through the layer (torch.autograd.functional.jacobian/hessian with vectorize=True, "
+    "torch.autograd.grad with is_grads_batched=True) are not supported: the backward and the forward mode read "
+    "values (checks, a solve), which no batched pass can; use vectorize=False (or one torch.autograd.grad call "
+    "a product)"
+)
+
+
+def _refuse_batched(layer: nn.Module, *xs: Any) -> None:
+    if any(isinstance(x, Tensor) and torch._C._functorch.is_legacy_batchedtensor(x) for x in xs):
+        raise RuntimeError(_NO_BATCHED.format(name=type(layer).__name__))
 
 
 class _ArgminFunction(torch.autograd.Function):
@@ -883,6 +896,7 @@ class _ArgminFunction(torch.autograd.Function):
         V, U, *tensors = ctx.saved_tensors
         if torch._C._functorch.is_batchedtensor(grad_u) or torch._C._functorch.is_gradtrackingtensor(grad_u):
             raise RuntimeError(_NO_FUNC_TRANSFORMS.format(name=type(layer).__name__))
+        _refuse_batched(layer, grad_u)
         needs = ctx.needs_input_grad
         need_v, need_t = bool(needs[2]), [bool(x) for x in needs[4:]]
         problem, mask = call.problem, call.mask
@@ -943,6 +957,7 @@ class _ArgminFunction(torch.autograd.Function):
         layer, call = ctx.layer, ctx.call
         if torch._C._functorch.maybe_current_level() is not None:
             raise RuntimeError(_NO_FUNC_TRANSFORMS.format(name=type(layer).__name__))
+        _refuse_batched(layer, *tangents)
         _, _, dV, _, *dt = tangents
         tangents_in = {k: t for k, t in zip(call.names, dt) if t is not None}
         if dV is not None:

@@ -49,8 +49,14 @@ def batched_vjp(output: Tensor, input: Tensor, grad_outputs: Tensor, *, create_g
 
     ``rows``: at most this many products per pass (``None``: all ``k`` in one). A batched pass
     carries ``rows`` copies of every intermediate of the graph; once those outgrow the cache,
-    each elementwise op streams them from memory (see :func:`rows_per_pass`)."""
+    each elementwise op streams them from memory (see :func:`rows_per_pass`). Under
+    ``torch.autograd.detect_anomaly`` (its NaN check), one product a pass."""
     k = grad_outputs.shape[0]
+    if torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled():
+        # anomaly mode's NaN check reads each gradient's values, which no batched pass can: one at a time
+        parts = [_engine.run_backward((output,), (grad_outputs[i],), True, create_graph, (input,), True, False)[0]
+                 for i in range(k)]
+        return None if k == 0 or parts[0] is None else torch.stack(parts)
     if rows is not None and rows < k:
         parts = [batched_vjp(output, input, grad_outputs[i:i + rows], create_graph=create_graph)
                  for i in range(0, k, rows)]

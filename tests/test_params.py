@@ -537,6 +537,31 @@ def test_non_reentrant_checkpoint_runs_the_region_once():
     torch.testing.assert_close(ckpt.bn.weight.grad, plain.bn.weight.grad)
 
 
+@pytest.mark.parametrize("kind", ["newton", "constrained"])
+def test_detect_anomaly_gives_the_plain_result(kind):
+    """Under torch.autograd.detect_anomaly (its NaN check reads values, which no batched reverse
+    pass can) the dense Hessian and the constraint Jacobian are built one product at a time: the
+    same output and gradient as without it (both raised a batching-rule error before)."""
+    extra = {"eq": lambda v, u: u.sum() - 1} if kind == "constrained" else {}
+    layer = ArgminLayer(lambda v, u: torch.sqrt(1 + ((u - v) ** 2).sum(-1)).sum(), **extra)
+    X, Y = data().requires_grad_(True), data().requires_grad_(True)
+    ref = layer(X)
+    (gx,) = torch.autograd.grad(ref.pow(2).sum(), X)
+    with torch.autograd.detect_anomaly():
+        out = layer(Y)
+        (gy,) = torch.autograd.grad(out.pow(2).sum(), Y)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-14)
+    torch.testing.assert_close(gy, gx, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("strategy", ["reverse-mode", "forward-mode"])
+def test_vectorized_jacobian_is_refused_with_the_alternative(strategy):
+    layer = ArgminLayer(weighted_pool)
+    w = weights()
+    with pytest.raises(RuntimeError, match=r"ArgminLayer: batched products through the layer .* use vectorize=False"):
+        torch.autograd.functional.jacobian(lambda a: layer(a, w=w), data(), vectorize=True, strategy=strategy)
+
+
 def test_vmap_folds_into_the_batch():
     layer = ArgminLayer(weighted_pool)
     V, w = data(B=6).reshape(2, 3, 5, 3), weights(B=6).reshape(2, 3, 5)
