@@ -203,6 +203,23 @@ def test_a_non_finite_sample_leaves_the_others_their_sketch_and_their_solve():
     torch.testing.assert_close(sol.u[1:], good.u, rtol=1e-5, atol=1e-6)
 
 
+def test_an_all_zero_video_gets_the_gradient_of_every_method():
+    """An all-zero video (ReLU features of a black clip): the sketch has no factor, so that sample
+    gets no preconditioning, and its gradient (at u* = 0) is the one the direct methods give. The preconditioner was NaN there, and so was the gradient under cg, silently."""
+    V = _data(3, 6, 4, seed=8, scale=0.3)
+    V[1] = 0
+    P = NystromPreconditioner.sketch(V, torch.ones(3, 6, dtype=torch.bool), 1.0)
+    assert bool(torch.isfinite(P.U).all()) and bool((P.apply(V[:, 0])[1] == 0).all())
+    grads = {}
+    for method in ("cg", "tspace", "pspace"):
+        X = V.clone().requires_grad_(True)
+        RankPool(method=method)(X).sum().backward()
+        grads[method] = X.grad
+    assert bool(torch.isfinite(grads["cg"]).all()) and bool((grads["cg"][1].abs().sum(-1) > 0).all())
+    torch.testing.assert_close(grads["cg"], grads["tspace"], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(grads["pspace"], grads["tspace"], rtol=1e-9, atol=1e-10)
+
+
 # ---------------------------------------------------------------------------- the choice
 def test_auto_runs_the_chosen_method_and_reports_it():
     tall, wide = _data(2, 400, 4, seed=45, scale=0.1), _data(2, 4, 400, seed=46, scale=0.3)

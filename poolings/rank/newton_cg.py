@@ -94,7 +94,10 @@ class NystromPreconditioner:
         lam_k = torch.where(keep, lam, torch.full_like(lam, float("inf"))).amin(-1, keepdim=True)
         s = torch.where(keep, ((lam_k + 1) / (lam + 1)).sqrt(), torch.ones_like(lam))
         ok = (info == 0).unsqueeze(-1) & torch.isfinite(s).all(-1, keepdim=True) & torch.isfinite(U).all(1)
-        return cls(U, torch.where(ok, s, torch.ones_like(s)))  # a failed sketch: no preconditioning
+        # a failed sketch (an all-zero video: Y = 0, so Ωᵀ Y has no factor, and F, U are NaN) gives no
+        # preconditioning: U = 0 as well as s = 1, or S x = x + 0 · NaN would be NaN
+        U = torch.where(ok.unsqueeze(1), U, torch.zeros((), dtype=U.dtype, device=U.device))
+        return cls(U, torch.where(ok, s, torch.ones_like(s)))
 
 
 _TEST_MATRICES: dict[tuple, Tensor] = {}
