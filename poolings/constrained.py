@@ -194,6 +194,18 @@ def _mean(v: Tensor, mask: Tensor) -> Tensor:
     return (v * m.unsqueeze(-1)).sum(0) / m.sum()
 
 
+class _AtMean:
+    """A projection's constraint function at the mean of the valid frames, ``(v, u, mask) ↦ c``: a
+    class, not a lambda, so that a pooling that holds it can be pickled (``torch.save``)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", type(self).__name__)
+
+    def __call__(self, v: Tensor, u: Tensor, mask: Tensor) -> Tensor:
+        return self.fn(_mean(v, mask), u, None)
+
+
 class ProjectedMean(SquaredDistance):
     """``½ Σ_t ‖u − v_t‖²`` subject to the constraints of a :class:`~argminlayers.projections.Projection`
     at the mean of the valid frames: ``u* = P_C(mean)``, multipliers ``n`` times the projection's."""
@@ -209,9 +221,7 @@ class ProjectedMean(SquaredDistance):
 
     def _constraint(self, name: str):
         fn = getattr(self.projection, name, None)
-        if fn is None:
-            return None
-        return lambda v, u, mask: fn(_mean(v, mask), u, None)
+        return None if fn is None else _AtMean(fn)
 
     @property
     def equality_constraints(self):

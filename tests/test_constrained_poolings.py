@@ -147,3 +147,18 @@ def test_check_command_runs_a_constrained_problem(tmp_path, capsys):
     assert main(["check", "--pooling", "simplex", "--B", "2", "--T", "5", "--p", "4", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "pooling=simplex" in text and "cvxpylayers" in text
+
+
+@pytest.mark.parametrize("projection", sorted(PROJECTIONS))
+def test_projected_avg_pool_survives_torch_save(projection):
+    """A whole ProjectedAvgPool pickles (torch.save of the module, not only its state_dict) and
+    the loaded one gives the same output: its constraint functions were lambdas before."""
+    import io
+
+    pool = ProjectedAvgPool(projection)
+    V = torch.randn(2, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    buf = io.BytesIO()
+    torch.save(pool, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(V), pool(V), rtol=0, atol=0)
