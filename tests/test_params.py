@@ -537,6 +537,7 @@ def test_non_reentrant_checkpoint_runs_the_region_once():
     torch.testing.assert_close(ckpt.bn.weight.grad, plain.bn.weight.grad)
 
 
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
 @pytest.mark.parametrize("kind", ["newton", "constrained"])
 def test_detect_anomaly_gives_the_plain_result(kind):
     """Under torch.autograd.detect_anomaly (its NaN check reads values, which no batched reverse
