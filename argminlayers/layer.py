@@ -788,16 +788,40 @@ def _bound_parameters(module: nn.Module, tensors: dict[str, Tensor]):
             owner._parameters[leaf] = current
 
 
-def _check_captured(layer: ArgminLayer, call: "_Call", saved: tuple) -> None:
+def _check_captured(layer: ArgminLayer, call: "_Call", saved: tuple) -> dict[str, Tensor]:
+    """The captured tensors that now refer to other tensors than in the forward pass: a plain
+    tensor attribute of the objective (``self.C = C``) is returned, to be bound to the forward's
+    tensor for the backward (a model that assigns it again before the backward, or the recompute
+    of a non-reentrant checkpoint); anything else (a closure, a global) is refused."""
     if not call.captured:
-        return
+        return {}
     now = layer._captured()
     changed = [n for n, t in zip(call.captured, saved) if now.get(n) is not t]
-    if changed:
+    objective = layer.objective
+    attrs = {n: t for n, t in zip(call.captured, saved)
+             if n in changed and (isinstance(objective.__dict__.get(n), Tensor) or n in objective._buffers)}
+    rest = [n for n in changed if n not in attrs]
+    if rest:
         raise RuntimeError(
-            f"objective {layer.objective.describe()} captures {changed}, which now refer to other tensors than in "
+            f"objective {objective.describe()} captures {rest}, which now refer to other tensors than in "
             "the forward pass, so their gradients cannot be computed; pass them as keyword inputs instead"
         )
+    return attrs
+
+
+@contextlib.contextmanager
+def _bound_attributes(module: nn.Module, tensors: dict[str, Tensor]):
+    """Temporarily make these tensor attributes (or buffers) of ``module`` the given tensors."""
+    old = {}
+    for name, t in tensors.items():
+        where = module._buffers if name in module._buffers else module.__dict__
+        old[name] = (where, where[name])
+        where[name] = t
+    try:
+        yield
+    finally:
+        for name, (where, x) in old.items():
+            where[name] = x
 
 
 @dataclass
@@ -913,11 +937,12 @@ class _ArgminFunction(torch.autograd.Function):
             g = _zero_outside(call.ok, g)
         partial = _ImplicitPartials(layer, call, need_v, need_t)
         n_par = len(call.params)
-        _check_captured(layer, call, tensors[n_in + n_par:])
-        # the objective is evaluated with the parameters of the forward pass (the same tensors,
-        # unless the forward ran under torch.func.functional_call or they were swapped since)
+        rebound = _check_captured(layer, call, tensors[n_in + n_par:])
+        # the objective is evaluated with the parameters and captured attributes of the forward pass
+        # (the same tensors, unless the forward ran under torch.func.functional_call or they were
+        # swapped or assigned again since)
         with _bound_parameters(layer.objective, dict(zip(call.params, tensors[n_in:n_in + n_par]))), \
-                _own_saved_tensors():
+                _bound_attributes(layer.objective, rebound), _own_saved_tensors():
             twice = torch.is_grad_enabled()
             strategy = layer.pick_strategy(problem, call.sol)
             name = getattr(strategy, "name", repr(strategy))

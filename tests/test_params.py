@@ -191,6 +191,71 @@ def test_module_objective_signature_is_its_forwards():
         ArgminLayer(Defaulted())(V)
 
 
+class _AttrScaled(Objective):
+    def f(self, v, u, mask):
+        return (torch.sqrt(1 + ((self.S * (u - v)) ** 2).sum(-1)) * mask).sum() + 0.5 * (u * u).sum()
+
+
+def test_a_captured_attribute_assigned_again_before_the_backward():
+    """A tensor attribute of the objective (``self.S = S`` for an S computed upstream) that the
+    model assigns again before the backward (the next step's S, or the recompute of a
+    non-reentrant checkpoint): the backward uses the forward's S, and the attribute is back to
+    what the caller set afterwards. (The backward refused it before.)"""
+    obj = _AttrScaled()
+    layer = ArgminLayer(obj)
+    V = data()
+    a = torch.tensor([0.7, 1.3, 0.9], dtype=DT, requires_grad=True)
+    obj.S = a * 1.0
+    (ref,) = torch.autograd.grad(layer(V).pow(2).sum(), a)
+    obj.S = a * 1.0
+    loss = layer(V).pow(2).sum()
+    later = torch.full((3,), 5.0, dtype=DT, requires_grad=True)
+    obj.S = later  # assigned again before the backward
+    (got,) = torch.autograd.grad(loss, a)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    assert obj.S is later
+
+
+def test_non_reentrant_checkpoint_of_a_model_that_assigns_a_captured_attribute():
+    from torch.utils.checkpoint import checkpoint
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.pool = nn.Linear(3, 3).double(), ArgminLayer(_AttrScaled())
+
+        def forward(self, V):
+            self.pool.objective.S = nn.functional.softplus(self.net(V.mean((0, 1))))
+            return self.pool(V)
+
+    torch.manual_seed(0)
+    model, X = Model(), data().requires_grad_(True)
+    ref = torch.autograd.grad(model(X).pow(2).sum(), (X, *model.parameters()))
+    got = torch.autograd.grad(checkpoint(model, X, use_reentrant=False).pow(2).sum(), (X, *model.parameters()))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+_GLOBAL_SCALE = torch.tensor(1.3, dtype=DT, requires_grad=True)
+
+
+def _global_scaled(v, u, mask):
+    return (_GLOBAL_SCALE * torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum() + 0.5 * (u * u).sum()
+
+
+def test_a_captured_global_that_changed_before_the_backward_is_refused():
+    global _GLOBAL_SCALE
+    old = _GLOBAL_SCALE
+    layer = ArgminLayer(_global_scaled)
+    loss = layer(data()).sum()
+    _GLOBAL_SCALE = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    try:
+        with pytest.raises(RuntimeError, match=r"captures \['_GLOBAL_SCALE'\], which now refer to other tensors"):
+            torch.autograd.grad(loss, old)
+    finally:
+        _GLOBAL_SCALE = old
+
+
 def test_captured_tensor_gets_its_gradient():
     scale = torch.tensor(1.3, dtype=DT, requires_grad=True)
 
