@@ -249,7 +249,7 @@ class InteriorPoint(Solver):
         mult, _ = cons.report(problem, U, lam, mu)
         conv = status == CONVERGED
         if bool(conv.any()):
-            U, mult, pd = self._polish(problem, U, mult, conv)
+            U, mult, pd = self._refined_polish(problem, U, mult, conv)
             status = torch.where(conv & ~pd, NOT_MINIMUM, status)
         tol_c = tol * (cscale if cscale is not None else U.new_ones(B))
         infeasible = (status != CONVERGED) & (status != NONFINITE) & (mult.violation > 1e3 * tol_c)
@@ -258,12 +258,43 @@ class InteriorPoint(Solver):
         return Solution(U, converged=status == CONVERGED, iterations=iters, grad_norm=mult.kkt_residual,
                         status=status, multipliers=mult)
 
+    @classmethod
+    def _refined_polish(cls, problem: Problem, U: Tensor, mult: Any, conv: Tensor) -> tuple[Tensor, Any, Tensor]:
+        """:meth:`_polish`, and where its step is refused, again on a corrected guess of the active set
+        (a few times): an inequality whose Newton multiplier came out negative leaves it, one that the
+        step violated joins it. The barrier's guess (``z > s``) is ambiguous where an inequality is
+        within about the barrier's offset of its bound: both ``s`` and ``z`` are small there, and a
+        wrong guess left the barrier's point (off by about 1e-6) with a multiplier on an inactive
+        inequality, and a zero gradient, reported converged."""
+        from .constraints import _tolerances
+
+        cons = problem.constraints
+        _, zero = _tolerances(U.dtype)
+        todo, pd_all = conv, torch.ones_like(conv)
+        for attempt in range(4):
+            U, mult, pd, kept, mu_try, g_try = cls._polish(problem, U, mult, todo)
+            pd_all = torch.where(todo, pd, pd_all)
+            todo = todo & ~kept
+            if attempt == 3 or not bool(todo.any()) or mult.active is None or mult.active.shape[1] == 0:
+                break
+            scale_g = zero * U.abs().amax(-1, keepdim=True).clamp_min(1.0)
+            scale_mu = zero * mu_try.abs().amax(-1, keepdim=True).clamp_min(1.0)
+            guess = (mult.active & ~(mu_try < -scale_mu)) | (g_try > scale_g)
+            changed = todo & (guess != mult.active).any(-1)
+            if not bool(changed.any()):
+                break
+            todo = changed
+            mult = type(mult)(mult.eq, mult.ineq, torch.where(changed.unsqueeze(-1), guess, mult.active),
+                              mult.weakly_active, mult.kkt_residual, mult.violation)
+        return U, mult, pd_all
+
     @staticmethod
-    def _polish(problem: Problem, U: Tensor, mult: Any, conv: Tensor) -> tuple[Tensor, Any, Tensor]:
+    def _polish(problem: Problem, U: Tensor, mult: Any, conv: Tensor) -> tuple[Tensor, ...]:
         """One Newton step on the KKT system of the active set, ``[H J_Aᵀ; J_A 0][Δu; ν] = −[∇f; c_A]``,
         which removes the barrier's ``O(τ)`` offset; kept per sample where the KKT residual does not grow
         and the multipliers stay consistent. Returns ``(U, multipliers, pd)``, ``pd`` (B,): the Lagrangian
-        Hessian is positive definite on the tangent space of the active constraints (at the point kept)."""
+        Hessian is positive definite on the tangent space of the active constraints (at the point kept),
+        ``kept`` (B,), and the step's inequality multipliers and values ``(B, k)`` (kept or not)."""
         cons = problem.constraints
         B, q = U.shape
         rows, valid = compact(cons.active_rows(Solution(U, multipliers=mult), B, U.device))
@@ -284,6 +315,7 @@ class InteriorPoint(Solver):
         nu = scatter_rows(nu_a, rows, valid, C.shape[1])
         lam, mu = cons.split(nu)
         new, consistent = cons.report(problem, U_new, lam, mu)
+        g_new = cons.split(KKTLinearization(problem, U_new, None).values)[1]
         slack = 1e3 * torch.finfo(U.dtype).eps
         keep = (conv & pd & (info == 0) & torch.isfinite(du).all(-1) & consistent
                 & (new.kkt_residual <= mult.kkt_residual + slack * gf.norm(dim=-1).clamp_min(1.0))
@@ -294,7 +326,7 @@ class InteriorPoint(Solver):
         mult = type(mult)(*(pick(a, b) for a, b in zip(
             (new.eq, new.ineq, new.active, new.weakly_active, new.kkt_residual, new.violation),
             (mult.eq, mult.ineq, mult.active, mult.weakly_active, mult.kkt_residual, mult.violation))))
-        return U, mult, pd
+        return U, mult, pd, keep, mu, g_new
 
     @staticmethod
     def _merit(f: Tensor, h: Tensor, g: Tensor, s: Tensor, tau: Tensor, rho: Tensor) -> Tensor:

@@ -526,3 +526,23 @@ def test_implicit_vjp_of_a_fresh_layer_equals_autograd():
     X = V.clone().requires_grad_(True)
     (auto,) = torch.autograd.grad(ArgminLayer(huber, **kw)(X, w=w), X, G)
     torch.testing.assert_close(ArgminLayer(huber, **kw).implicit_vjp(V, mask, sol, G, w=w), auto)
+
+
+@pytest.mark.parametrize("d", [-1e-3, -1e-6, -1e-7, -1e-9, 1e-7])
+def test_an_inequality_near_its_bound_gets_the_right_active_set(d):
+    """Projection onto u₀ ≤ 0 of a mean d close to the bound: u₀ = min(d, 0) to rounding, and
+    du₀/dV₀₀ = 1/2 (inactive) or 0 (active). Within about the barrier's offset of the bound the
+    barrier's active-set guess was wrong: u₀ came out ~4e-6 off with a multiplier on an inactive
+    inequality and a zero gradient, reported converged; the polish now corrects the guess."""
+    def f(v, u, mask):
+        return 0.5 * (((u - v) ** 2).sum(-1) * mask).sum()
+
+    layer = ArgminLayer(f, ineq=lambda v, u: u)
+    V = torch.tensor([[[d, -1.0], [d, -3.0]]], dtype=DT, requires_grad=True)
+    sol = layer.solve(V.detach(), torch.tensor([2]))
+    assert bool(sol.converged.all())
+    assert sol.multipliers.active[0].tolist() == [d > 0, False]
+    u = layer(V, torch.tensor([2]))
+    assert abs(float(u[0, 0].detach()) - min(d, 0.0)) <= 1e-14
+    (g,) = torch.autograd.grad(u[0, 0], V)
+    assert float(g[0, 0, 0]) == pytest.approx(0.0 if d > 0 else 0.5, abs=1e-12)
