@@ -252,7 +252,11 @@ class InteriorPoint(Solver):
             U, mult, pd = self._refined_polish(problem, U, mult, conv)
             status = torch.where(conv & ~pd, NOT_MINIMUM, status)
         tol_c = tol * (cscale if cscale is not None else U.new_ones(B))
-        infeasible = (status != CONVERGED) & (status != NONFINITE) & (mult.violation > 1e3 * tol_c)
+        # (a NONFINITE ending at a finite point with finite f is the multipliers' blow-up of constraints
+        # that cannot be met, not a non-finite objective)
+        finite_end = torch.isfinite(U).all(-1) & torch.isfinite(problem.value(U))
+        infeasible = ((status != CONVERGED) & ((status != NONFINITE) | finite_end)
+                      & torch.isfinite(mult.violation) & (mult.violation > 1e3 * tol_c))
         status = torch.where(infeasible, INFEASIBLE, status)
         mult = Multipliers(mult.eq, mult.ineq, mult.active, mult.weakly_active, mult.kkt_residual, mult.violation)
         return Solution(U, converged=status == CONVERGED, iterations=iters, grad_norm=mult.kkt_residual,

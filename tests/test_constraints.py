@@ -546,3 +546,19 @@ def test_an_inequality_near_its_bound_gets_the_right_active_set(d):
     assert abs(float(u[0, 0].detach()) - min(d, 0.0)) <= 1e-14
     (g,) = torch.autograd.grad(u[0, 0], V)
     assert float(g[0, 0, 0]) == pytest.approx(0.0 if d > 0 else 0.5, abs=1e-12)
+
+
+def test_inequalities_that_cannot_be_met_together_are_reported_infeasible():
+    """u ≥ 1 and u ≤ 0: the slack multipliers grow without bound, which ended the solve as
+    'NaN or infinite objective'; the objective is finite there, so it is reported infeasible."""
+    def f(v, u, mask):
+        return 0.5 * (((u - v) ** 2).sum(-1) * mask).sum()
+
+    layer = ArgminLayer(f, ineq=lambda v, u: torch.cat([1 - u, u]))
+    V = data().requires_grad_(True)
+    with pytest.warns(ConvergenceWarning, match="the constraints could not be met"):
+        assert bool((layer.solve(V.detach()).status == INFEASIBLE).all())
+    with pytest.warns(ConvergenceWarning, match="the constraints could not be met"):
+        u = layer(V)
+    u.sum().backward()
+    assert bool((V.grad == 0).all())
