@@ -272,8 +272,8 @@ class InteriorPoint(Solver):
         inequality, and a zero gradient, reported converged."""
         from .constraints import _tolerances
 
-        cons = problem.constraints
         _, zero = _tolerances(U.dtype)
+        barrier = mult  # the barrier's report, for samples no step could be kept for
         todo, pd_all = conv, torch.ones_like(conv)
         for attempt in range(4):
             U, mult, pd, kept, mu_try, g_try = cls._polish(problem, U, mult, todo)
@@ -290,6 +290,12 @@ class InteriorPoint(Solver):
             todo = changed
             mult = type(mult)(mult.eq, mult.ineq, torch.where(changed.unsqueeze(-1), guess, mult.active),
                               mult.weakly_active, mult.kkt_residual, mult.violation)
+        if bool(todo.any()):  # no step kept: the barrier's point keeps the barrier's own report (not a guess)
+            pick = lambda a, b: None if a is None else torch.where(todo.reshape(-1, *([1] * (a.dim() - 1))), a, b)  # noqa: E731
+            mult = type(mult)(*(pick(a, b) for a, b in zip(
+                (barrier.eq, barrier.ineq, barrier.active, barrier.weakly_active, barrier.kkt_residual,
+                 barrier.violation),
+                (mult.eq, mult.ineq, mult.active, mult.weakly_active, mult.kkt_residual, mult.violation))))
         return U, mult, pd_all
 
     @staticmethod

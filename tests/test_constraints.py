@@ -562,3 +562,26 @@ def test_inequalities_that_cannot_be_met_together_are_reported_infeasible():
         u = layer(V)
     u.sum().backward()
     assert bool((V.grad == 0).all())
+
+
+def test_a_polish_that_is_never_kept_leaves_the_barriers_own_report(monkeypatch):
+    """Where no active-set step is kept, the barrier's point keeps the barrier's report: its
+    multipliers and its active set together, never a corrected guess of the active set paired
+    with the barrier's multipliers."""
+    from argminlayers.interior_point import InteriorPoint
+
+    real = InteriorPoint._polish
+
+    def refused(problem, U, mult, conv):
+        out = real(problem, U, mult, torch.zeros_like(conv))  # computed, and kept nowhere
+        return (*out[:3], torch.zeros_like(conv), *out[4:])
+
+    monkeypatch.setattr(InteriorPoint, "_polish", staticmethod(refused))
+
+    def f(v, u, mask):
+        return 0.5 * (((u - v) ** 2).sum(-1) * mask).sum()
+
+    V = torch.tensor([[[-1e-7, -1.0], [-1e-7, -3.0]]], dtype=DT)
+    mult = ArgminLayer(f, ineq=lambda v, u: u).solve(V, torch.tensor([2])).multipliers
+    assert bool(mult.active[0, 0])  # the barrier's guess, kept with its multiplier
+    assert bool(((mult.ineq != 0) <= mult.active).all()) and float(mult.ineq[0, 0]) > 0
