@@ -368,3 +368,86 @@ def test_a_generic_solver_warns_on_frames_too_ill_conditioned_for_float32(normal
         warnings.simplefilter("always")
         RankPool(10.0, 0.1)(V)
     assert not [w for w in seen if issubclass(w.category, argminlayers.PrecisionWarning)]
+
+
+def _piece_solution_extended(V, u, C, eps):
+    """The minimiser of the piece of ``u``'s signed set, solved in NumPy's extended precision
+    (long double, Gaussian elimination with partial pivoting): a reference beyond float64."""
+    import numpy as np
+
+    T, p = V.shape
+    Vn = V.numpy()
+    r = np.arange(1, T + 1) - Vn @ u.numpy()
+    s = np.sign(r) * (np.abs(r) > eps)
+    A = s != 0
+    VA = Vn[A].astype(np.longdouble)
+    H = np.eye(p, dtype=np.longdouble) + np.longdouble(C) * VA.T @ VA
+    b = np.longdouble(C) * VA.T @ (np.arange(1, T + 1)[A].astype(np.longdouble) - np.longdouble(eps) * s[A])
+    for k in range(p):
+        piv = k + int(np.argmax(np.abs(H[k:, k])))
+        H[[k, piv]], b[[k, piv]] = H[[piv, k]], b[[piv, k]]
+        m = H[k + 1:, k] / H[k, k]
+        H[k + 1:, k:] -= m[:, None] * H[k, k:]
+        b[k + 1:] -= m * b[k]
+    x = np.zeros(p, dtype=np.longdouble)
+    for i in range(p - 1, -1, -1):
+        x[i] = (b[i] - H[i, i + 1:] @ x[i + 1:]) / H[i, i]
+    return torch.from_numpy(x.astype(np.float64))
+
+
+@pytest.mark.parametrize("iteration", ["compiled", "numpy", "torch"])
+@pytest.mark.parametrize("method", ["tspace", "pspace"])
+def test_float64_frames_of_norm_1e5_converge(method, iteration, monkeypatch):
+    """Where ``C ‖v_t‖² ≫ 1`` and the excesses are small, a reproduced set's gradient is its
+    solve's backward error, ``ε (1 + C ‖V_A‖²) ‖u‖``, far above ``√ε`` times the plain relative
+    gradient's scale: float64 frames of norm 1e5 ran T-space out of iterations unconverged (every
+    iteration the same reproduced set) and zeroed their gradient. The reproduced set's test is
+    relative to the scale of its piece (:func:`~poolings.rank.active_set.piece_scale`): every
+    iteration (compiled, NumPy, torch) converges in a few iterations, to the piece's
+    extended-precision minimiser within the bound ε·C·Σ_A‖v_t‖² (4e-5), and without a
+    warning."""
+    import poolings.rank.objective as objective
+    import poolings.rank.small as small
+
+    if iteration == "compiled" and small._kernel() is None:
+        pytest.skip("the kernel is not built")
+    if iteration != "compiled":
+        monkeypatch.setattr(small, "COMPILED", False)
+    if iteration == "torch":
+        monkeypatch.setattr(objective, "is_small_numpy", lambda *a: False)
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(2, 50, 64, generator=g, dtype=F64).cumsum(1)
+    V = V * (1e5 / V.norm(dim=-1).amax())
+    mask = torch.ones(2, 50, dtype=torch.bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = rank_pool_solve(V, mask, 1.0, 0.1, method=method)
+    assert sol.converged.all(), sol.iterations
+    assert int(sol.iterations.max()) < 20
+    for b in range(2):
+        ref = _piece_solution_extended(V[b], sol.u[b], 1.0, 0.1)
+        bound = torch.finfo(F64).eps * float((V[b].square().sum(-1) * sol.state.active[b]).sum())  # about 4e-5
+        assert _rel(sol.u[b], ref) < bound  # measured 4e-9 (T-space), 6e-6 (p-space: M = C VᵀV rounds)
+    X = V.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RankPool(1.0, 0.1, method=method)(X).sum().backward()
+    assert X.grad.abs().sum(-1).gt(0).any(-1).all()  # every sample has its gradient
+
+
+def test_float64_frames_beyond_float64_warn():
+    """Where ``ε₆₄ · C Σ_A ‖v_t‖²`` exceeds :data:`ILL_CONDITIONED` there is no wider dtype to
+    redo the samples in: a :class:`~argminlayers.PrecisionWarning` gives the bound and what to
+    change (frames of norm 1e6, 2 × 50 × 64: the bound is 1e-2); frames of norm 1e4 do not warn."""
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(2, 50, 64, generator=g, dtype=F64).cumsum(1)
+    V = V / V.norm(dim=-1).amax()
+    mask = torch.ones(2, 50, dtype=torch.bool)
+    for size, pool_kw in ((1e6, {}), (1e6, {"method": "pspace"})):
+        with pytest.warns(argminlayers.PrecisionWarning, match="ill-conditioned even in float64.*bounds the relative error"):
+            RankPool(1.0, 0.1, **pool_kw)(V * size)
+    with pytest.warns(argminlayers.PrecisionWarning, match=r"C = 1\)"):
+        rank_pool_solve(V * 1e6, mask, 1.0, 0.1, method="tspace")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RankPool(1.0, 0.1)(V * 1e4)

@@ -301,6 +301,19 @@ cdef double _line_search(const Space *sp, Work *w, const double *r, const double
     return 0.0
 
 
+cdef double _piece_scale(Space *sp, const double *s, double u2) noexcept nogil:
+    """``‖u‖ (1 + C Σ_A ‖v_t‖²) + C Σ_A |y_t − s_t ε| ‖v_t‖``: the scale of a reproduced set's
+    test, as ``poolings.rank.active_set.piece_scale``."""
+    cdef int t
+    cdef double load = 1.0, rhs = 0.0, nt
+    for t in range(sp.T):
+        if s[t] != 0:
+            nt = sp.norms[t]
+            load += sp.C * nt * nt
+            rhs += sp.C * fabs(sp.y[t] - sp.eps * s[t]) * nt
+    return sqrt(max(u2, 0.0)) * load + rhs
+
+
 cdef int _solve_one(Space *sp, Work *w, double tol, double check_tol, int max_iter, double step_floor,
                     double *x, double *r, double *cache, unsigned char *cache_set, unsigned char *out_done,
                     long long *out_iters, double *out_gnorm, unsigned char *out_factored,
@@ -365,7 +378,7 @@ cdef int _solve_one(Space *sp, Work *w, double tol, double check_tol, int max_it
         rel = g / max(scale, TINY)
         if ending:  # stopped last iteration: the gradient is measured at the final point
             break
-        if rel <= tol or (stable and rel <= check_tol):
+        if rel <= tol or (stable and g <= check_tol * _piece_scale(sp, s1, u2)):
             done = 1
             break
         if it == max_iter:

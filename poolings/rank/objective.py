@@ -20,6 +20,7 @@ found by the forward pass.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from argminlayers import CG, FunctionHessian, LowRankHessian, Objective, Solution, Strategy, Woodbury
+from argminlayers import CG, FunctionHessian, LowRankHessian, Objective, PrecisionWarning, Solution, Strategy, Woodbury
+from argminlayers.layer import _caller_stacklevel
 
 from .active_set import ActiveSetResult, active_set_solve
 from .common import WIDE, check_rank_param, check_rank_value, excess, frames_combine, frames_dot
@@ -166,8 +168,12 @@ def _solution(V: Tensor, mask: Tensor, C: float, eps: float, method: str, res: A
     load = C * (norms.square() * res.active).sum(-1)  # C Σ_A ‖v_t‖² ≥ ‖H‖ − 1, (B,)
     ill = _ordinary(torch.finfo(dt).eps * load > ILL_CONDITIONED) if dt != WIDE else None
     wide = redo = False
-    if ill is not None:  # one read-back for both (each is a device sync on a GPU)
-        wide, redo = torch.stack((ill.any(), ~res.converged.all())).tolist()
+    worst = load.amax() if load.numel() else load.new_zeros(())
+    if ill is not None:  # one read-back for all (each is a device sync on a GPU)
+        wide, redo, worst = torch.stack((ill.any(), ~res.converged.all(), worst)).tolist()
+    else:
+        worst = float(worst)
+    _warn_beyond_float64(worst, C)
     sd = WIDE if wide else dt  # the state's dtype: the backward runs in it
     state = RankPoolState(method, _ordinary(res.active), _ordinary(excess(res.r, res.sign, eps), sd), wide=wide)
     if method == "tspace":
@@ -197,6 +203,7 @@ def _direct_solution(d: DirectResult, V: Tensor, mask: Tensor, C: float, eps: fl
     load = C * (np.square(d.norms) * active).sum(-1)  # C Σ_A ‖v_t‖², as rank_pool_solve
     ill = torch.finfo(dt).eps * load > ILL_CONDITIONED if dt != WIDE else None
     wide = bool(ill.any()) if ill is not None else False
+    _warn_beyond_float64(float(load.max()) if load.size else 0.0, C)
     redo = ill is not None and not bool(d.done.all())
     sd = WIDE if wide else dt
     e = (d.r - eps * d.sign) * active  # excess
@@ -212,6 +219,26 @@ def _direct_solution(d: DirectResult, V: Tensor, mask: Tensor, C: float, eps: fl
     if wide or redo:
         _finish_in_float64(sol, V, mask, C, eps, method, torch.from_numpy(ill), **asked)
     return sol
+
+
+def _warn_beyond_float64(load: float, C: float) -> None:
+    """A :class:`~argminlayers.PrecisionWarning` where the largest ``C Σ_A ‖v_t‖²`` of a batch
+    (``load``, ``≥ ‖H‖ − 1``) makes the problem ill-conditioned even in float64
+    (``ε₆₄ · load >`` :data:`ILL_CONDITIONED`): ``u`` and its gradient then carry a relative
+    error of up to about that much, and there is no wider dtype to redo the samples in. A bound:
+    the error measured (against the piece's solve in extended precision) was far smaller, on
+    random-walk frames with ``C = 1``: at 2 × 50 × 64, 5e-7 where the bound is 1e-2 (frames of
+    norm 1e6) and 1.3e-2 where it is 0.99 (norm 1e7, that sample also unconverged); at
+    2 × 20 × 100, 3e-3 where it is 0.35; at 2 × 300 × 16, 1e-14 where it is 6.6 (p-space, whose
+    ``H`` is far better conditioned than the bound when ``T ≫ p``)."""
+    bound = torch.finfo(WIDE).eps * load
+    if bound > ILL_CONDITIONED:
+        warnings.warn(PrecisionWarning(
+            f"rank pooling of these frames may be ill-conditioned even in float64: ε·C·Σ‖v_t‖² over the active "
+            f"steps is up to {bound:.2g} > {ILL_CONDITIONED:g} (C = {C:g}), which bounds the relative error of u "
+            "and its gradient (the error itself is often far smaller; float64 is the widest dtype). Normalize the "
+            "frames (normalize=True), scale them down, or use a smaller C"),
+            stacklevel=_caller_stacklevel())
 
 
 def _every_sample_ill(V: Tensor, C: float) -> bool:

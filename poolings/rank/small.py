@@ -31,7 +31,8 @@ Both run the same iteration as the torch one:
   in C compiled; both on float64 data);
 - the same stopping rule: a sample is done when its point is the minimiser of its own piece
   with that signed set reproduced (``A`` and every sign) and a relative gradient
-  ``≤ check_tol``, or when its relative gradient is ``≤ tol``; one with no descent left is
+  ``≤ check_tol`` (relative to the scale of its piece, :func:`~poolings.rank.active_set.piece_scale`),
+  or when its relative gradient is ``≤ tol``; one with no descent left is
   done only at ``≤ check_tol``, and one still running after ``max_iter`` iterations is not;
 - what the method keeps for the backward pass: the factor of each sample's last set in the
   method's factor cache (and, in p-space, ``M`` of that set), as
@@ -50,7 +51,7 @@ import torch
 
 from argminlayers._compiled import load_compiled
 
-from .active_set import ActiveSetResult
+from .active_set import ActiveSetResult, piece_scale
 from .common import exact_line_search
 from .factored import SMALL_FLOPS, FactoredSpace, cholesky_, cholesky_solve
 from .pspace import PSpace, combine_long
@@ -233,7 +234,7 @@ def small_solve(space: FactoredSpace, C: float, eps: float, *, tol: float, check
         S2 = np.stack((sgn1, np.where(beta != 0, np.sign(beta), sgn1)), axis=1)  # Newton, primal-dual sets
         g, rhs2 = sp.gradient(x, e, S2)  # (B,), (B, 2, n)
         rel = g / np.maximum(np.sqrt(np.maximum(u2, 0)) + C * (np.abs(e) * norms).sum(-1), tiny)
-        finished = live & ((rel <= tol) | (stable & (rel <= check_tol)))
+        finished = live & ((rel <= tol) | (stable & (g <= check_tol * piece_scale(u2, y, sgn1, norms, C, eps))))
         gnorm = g
         done |= finished
         live &= ~finished
