@@ -36,6 +36,7 @@ bool and the keyword inputs ``(B, …)``.
 from __future__ import annotations
 
 import builtins
+import dis
 import functools
 import inspect
 import types
@@ -301,7 +302,7 @@ class Objective(nn.Module):
                  if isinstance(x, Tensor) and x.requires_grad and not isinstance(x, nn.Parameter)}
         if self.scan_f:
             found.update({k: x for k, x in _captured_tensors(type(self).f).items() if k not in found})
-        return found
+        return _distinct(found, self.parameters())
 
     def describe(self) -> str:
         """A readable name for messages."""
@@ -367,7 +368,7 @@ class FunctionObjective(Objective):
         it names, its defaults or a ``functools.partial``: they get gradients too."""
         found = _captured_tensors(self.fn)
         found.update({k: x for k, x in super().captured_tensors().items() if k not in found and k != "fn"})
-        return found
+        return _distinct(found, self.parameters())
 
     def describe(self) -> str:
         return self.name
@@ -444,14 +445,41 @@ class _Signature:
                             f"pass them as layer(V, {missing[0]}=...)")
 
 
+def _distinct(found: dict[str, Tensor], parameters: Any) -> dict[str, Tensor]:
+    """``found`` without the module's parameters and with each tensor once (its first name): a
+    tensor reached by two names (a parameter also bound to a global, a tensor attribute also
+    captured by ``f``) is one input of the layer, and would otherwise get its gradient twice."""
+    seen = {id(p) for p in parameters}
+    out = {}
+    for k, x in found.items():
+        if id(x) not in seen:
+            seen.add(id(x))
+            out[k] = x
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """The names ``code`` loads as globals (and those its nested code objects load:
+    comprehensions, inner functions): not ``co_names``, which also holds every attribute
+    name (``self.delta`` would match a global ``delta``)."""
+    names = [ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")]
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names.extend(_global_names(c))
+    return tuple(dict.fromkeys(names))
+
+
 def _captured_tensors(fn: Any) -> dict[str, Tensor]:
-    """Tensors requiring grad that ``fn`` captures, by a readable name."""
+    """Tensors requiring grad that ``fn`` captures, by a readable name; each tensor once."""
     found: dict[str, Tensor] = {}
+    ids: set[int] = set()
 
     def add(name: str, x: Any) -> None:
         if isinstance(x, Tensor):
-            if x.requires_grad:
-                found.setdefault(name, x)
+            if x.requires_grad and id(x) not in ids and name not in found:
+                found[name] = x
+                ids.add(id(x))
         elif isinstance(x, (list, tuple)):
             for i, y in enumerate(x):
                 if isinstance(y, Tensor):
@@ -495,7 +523,7 @@ def _captured_tensors(fn: Any) -> dict[str, Tensor]:
             if isinstance(val, types.FunctionType):
                 visit(val, depth + 1)
         glb = getattr(f, "__globals__", {})
-        for name in code.co_names:
+        for name in _global_names(code):
             if name in glb:
                 add(name, glb[name])
                 if isinstance(glb[name], types.FunctionType):

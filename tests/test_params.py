@@ -283,6 +283,65 @@ def test_captured_tensor_gets_its_gradient():
     torch.testing.assert_close(auto, (up - down) / (2 * e), rtol=1e-6, atol=1e-8)
 
 
+_alias = None  # a module global that a test binds to a parameter or a captured tensor
+
+
+def test_a_tensor_reached_by_two_names_gets_its_gradient_once(monkeypatch):
+    """A parameter also bound to a global whose name the objective uses as an attribute
+    (``s.delta`` and a global ``delta``), or a captured tensor also bound to a second global the
+    objective reads, is one input: its gradient equals that of the same layer without the alias
+    (and finite differences). Both were doubled: captured tensors were found by name, and a
+    function's ``co_names`` holds its attribute names as well as its globals."""
+
+    class Q(Objective):
+        def __init__(self):
+            super().__init__()
+            self.delta = nn.Parameter(torch.tensor(1.3, dtype=DT))
+
+        def f(self, v, u, mask):
+            return (torch.sqrt(self.delta**2 + ((u - v) ** 2).sum(-1)) * mask).sum()
+
+    V = data(2, 4, 3)
+    layer = ArgminLayer(Q())
+    (alone,) = torch.autograd.grad(layer(V).sum(), layer.objective.delta)
+    monkeypatch.setitem(globals(), "delta", layer.objective.delta)  # the attribute's name as a global
+    (aliased,) = torch.autograd.grad(layer(V).sum(), layer.objective.delta)
+    torch.testing.assert_close(aliased, alone, rtol=1e-12, atol=0)
+    with torch.no_grad():  # and finite differences
+        e = 1e-6
+        layer.objective.delta += e
+        up = layer(V).sum()
+        layer.objective.delta -= 2 * e
+        down = layer(V).sum()
+        layer.objective.delta += e
+    torch.testing.assert_close(alone, (up - down) / (2 * e), rtol=1e-6, atol=1e-9)
+
+    s = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    monkeypatch.setitem(globals(), "_alias", s)
+    W = torch.tensor([[1.0, -0.5]], dtype=DT)
+    once = torch.autograd.grad(ArgminLayer(lambda v, u: s * ((u - v) ** 2).sum() + (u**4).sum())(W).sum(), s)[0]
+    twice = torch.autograd.grad(
+        ArgminLayer(lambda v, u: s * ((u - v) ** 2).sum() + 0 * _alias + (u**4).sum())(W).sum(), s)[0]
+    torch.testing.assert_close(twice, once, rtol=1e-12, atol=0)
+
+
+def test_a_global_read_inside_a_comprehension_is_captured():
+    """Globals loaded by nested code (a generator expression) are found too: they were refused
+    as hidden (the outer function's names do not hold them)."""
+    s = torch.tensor(1.5, dtype=DT, requires_grad=True)
+    W = torch.tensor([[1.0, -0.5]], dtype=DT)
+    globals()["_alias"] = s
+    try:
+        nested = ArgminLayer(lambda v, u: sum(_alias * ((u - v) ** 2).sum() for _ in range(1)) + (u**4).sum())
+        plain = ArgminLayer(lambda v, u: _alias * ((u - v) ** 2).sum() + (u**4).sum())
+        (g1,) = torch.autograd.grad(nested(W).sum(), s)
+        (g2,) = torch.autograd.grad(plain(W).sum(), s)
+    finally:
+        globals()["_alias"] = None
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=0)
+    assert float(g1) != 0
+
+
 def test_hidden_captured_tensor_is_refused():
     class Config:
         pass
