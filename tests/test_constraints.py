@@ -585,3 +585,17 @@ def test_a_polish_that_is_never_kept_leaves_the_barriers_own_report(monkeypatch)
     mult = ArgminLayer(f, ineq=lambda v, u: u).solve(V, torch.tensor([2])).multipliers
     assert bool(mult.active[0, 0])  # the barrier's guess, kept with its multiplier
     assert bool(((mult.ineq != 0) <= mult.active).all()) and float(mult.ineq[0, 0]) > 0
+
+
+@pytest.mark.parametrize("kind", ["ineq", "eq"])
+def test_a_steep_start_is_not_converged_far_from_the_minimiser(kind):
+    """The KKT residuals are relative to ‖∇f(u₀)‖, which a start far out on a steep objective
+    makes huge (cosh(10(u − v)) from u₀ = 0: 5e13), so ‖∇L‖ ≤ tol · ‖∇f(u₀)‖ held 0.3 from u*
+    (u = 2.70 for v = 3, with an inactive inequality; an equality the minimiser meets gave
+    [2.72, 2.14, −2.36]), reported converged. A candidate also needs a small Newton step."""
+    f = lambda v, u: torch.cosh(10 * (u - v)).sum()  # noqa: E731
+    V = torch.tensor([[3.0, 2.0, -2.5]], dtype=torch.float64)
+    cons = {"ineq": lambda v, u: u - 100} if kind == "ineq" else {"eq": lambda v, u: (u.sum() - 2.5).reshape(1)}
+    sol = ArgminLayer(f, **cons).solve(V)
+    assert sol.converged.all()
+    torch.testing.assert_close(sol.u, V, rtol=0, atol=1e-8)
