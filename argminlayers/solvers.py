@@ -274,10 +274,15 @@ def armijo(
     return U_new, f_new, ok, False
 
 
+_DAMPED_PIVOTS = 1e-8
+"""Smallest pivot² of a damped factor relative to its largest (:func:`damped_cholesky`)."""
+
+
 def damped_cholesky(H: Tensor, active: Tensor) -> tuple[Tensor, Tensor, bool]:
     """``(L, pd, every)``: the Cholesky factor of ``H + λI`` with ``λ = 0`` where ``H`` is positive
     definite (``pd``), else the smallest ``λ`` of a ×10 ladder from ``1e-8 · max|H_ii|`` that
-    makes the factorisation succeed (only for ``active`` samples); ``every``: ``pd.all()``, read
+    makes the factorisation succeed with pivots² within :data:`_DAMPED_PIVOTS` of each other
+    (only for ``active`` samples); ``every``: ``pd.all()``, read
     back once here for the caller too."""
     L, info = torch.linalg.cholesky_ex(H)
     pivots = L.diagonal(dim1=-2, dim2=-1)
@@ -296,7 +301,11 @@ def damped_cholesky(H: Tensor, active: Tensor) -> tuple[Tensor, Tensor, bool]:
             lam = torch.where(failing, torch.where(lam == 0, 1e-8 * base, 10 * lam), lam)
             L2, info2 = torch.linalg.cholesky_ex(H + lam[:, None, None] * eye)
             L = torch.where(failing[:, None, None], L2, L)
-            failing = failing & (info2 > 0)
+            # a damped factor must also be well conditioned: a rung just above −λ_min(H) factorises
+            # (pivots² [1.3, 0.23, 2e-16] on a double well) into a step of 1e15 that the line search
+            # cannot shorten; the next rung overshoots −λ_min by about 10×
+            lo2, hi2 = torch.aminmax(L2.diagonal(dim1=-2, dim2=-1).square(), dim=-1)
+            failing = failing & ((info2 > 0) | ~(lo2 > _DAMPED_PIVOTS * hi2))
             if not bool(failing.any()):
                 break
     return L, pd, False
