@@ -18,6 +18,7 @@ costs) and shifted by ``λI`` with :meth:`~HessianOperator.shifted` (used by ``d
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -69,6 +70,12 @@ class HessianOperator:
             return self
         return _ShiftedHessian(self, damping)
 
+    def masked(self, keep: Tensor) -> "HessianOperator":
+        """``H`` on the samples ``keep`` ``(B,)`` bool, the identity on the others: what the backward
+        solves with where some samples are not minima (their ``H`` may be singular or indefinite,
+        and they get no gradient), so that no strategy refuses the whole batch for them."""
+        return _MaskedHessian(self, keep)
+
 
 class DenseHessian(HessianOperator):
     """An explicit ``(B, q, q)`` matrix, optionally with its lower Cholesky factor ``(B, q, q)``
@@ -96,6 +103,9 @@ class DenseHessian(HessianOperator):
             return self
         eye = torch.eye(self.q, dtype=self.dtype, device=self.device)
         return DenseHessian(self.matrix + damping * eye)
+
+    def masked(self, keep: Tensor) -> HessianOperator:
+        return DenseHessian(_eye_outside(keep, self.matrix), None if self.factor is None else _eye_outside(keep, self.factor))
 
 
 class AutogradHessian(HessianOperator):
@@ -327,12 +337,53 @@ class LowRankHessian(HessianOperator):
     def low_rank(self) -> "LowRankHessian":
         return self
 
+    def masked(self, keep: Tensor) -> "LowRankHessian":
+        """The identity outside ``keep``: ``d = 1`` and no low-rank terms there (row scale 0), the
+        forward's factors the identity's; other attributes (a preconditioner) are kept."""
+        out = copy.copy(self)
+        k = keep.unsqueeze(-1)
+        out.d = torch.where(k, self.d, torch.ones_like(self.d))
+        scale = self.row_scale if self.row_scale is not None else torch.ones(
+            self.A.shape[:2], dtype=self.A.dtype, device=self.A.device)
+        out.row_scale = torch.where(k, scale, torch.zeros_like(scale))
+        out.factor = None if self.factor is None else _eye_outside(keep, self.factor)
+        out.capacitance_factor = None if self.capacitance_factor is None else _eye_outside(keep, self.capacitance_factor)
+        return out
+
     def shifted(self, damping: float) -> HessianOperator:
         if damping == 0:
             return self
         # D changes, so a cached factor (of H or of its capacitance matrix) no longer applies.
         return LowRankHessian(self.d + damping, self.A, self.Bm, row_scale=self.row_scale,
                               positive_diagonal=self.positive_diagonal and damping > 0)
+
+
+def _eye_outside(keep: Tensor, M: Tensor) -> Tensor:
+    """``M (B, n, n)`` on the samples ``keep``, the identity elsewhere."""
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    return torch.where(keep[:, None, None], M, eye)
+
+
+class _MaskedHessian(HessianOperator):
+    """:meth:`HessianOperator.masked` around any operator."""
+
+    def __init__(self, base: HessianOperator, keep: Tensor):
+        super().__init__(base.batch, base.q, base.dtype, base.device)
+        self.base, self.keep = base, keep
+
+    def matvec(self, x: Tensor) -> Tensor:
+        return torch.where(self.keep.unsqueeze(-1), self.base.matvec(x), x)
+
+    def dense(self) -> Tensor:
+        return _eye_outside(self.keep, self.base.dense())
+
+    def diagonal(self) -> Tensor:
+        d = self.base.diagonal()
+        return torch.where(self.keep.unsqueeze(-1), d, torch.ones_like(d))
+
+    def low_rank(self) -> "LowRankHessian | None":
+        lr = self.base.low_rank()
+        return None if lr is None else lr.masked(self.keep)
 
 
 class _ShiftedHessian(HessianOperator):

@@ -542,9 +542,10 @@ class ArgminLayer(nn.Module):
         g = g.to(U.dtype)
         fixed = Problem(problem.objective, problem.V.detach(), problem.mask,
                         {k: x.detach() for k, x in problem.inputs.items()}, problem.q_shape)
-        H0 = fixed.linearize(U.detach(), sol.state).hessian.shifted(self.damping)
+        H0, keep = _minima_only(fixed.linearize(U.detach(), sol.state).hessian.shifted(self.damping), sol)
         with torch.no_grad():
             W0 = strategy.solve(H0, g.detach().to(H0.dtype)).to(g.dtype)
+            W0 = W0 if keep is None else _zero_outside(keep, W0)
         lin = problem.linearize(U, None, create_graph=True)
         residual = lin.hessian.shifted(self.damping).matvec(W0) - g
         W = W0 - _Solve.apply(strategy, H0, residual)
@@ -561,10 +562,11 @@ class ArgminLayer(nn.Module):
         H = lin.hessian
         if getattr(st, "hessian", None) is not None and not lin._own_hessian:
             H = st.hessian  # the forward's dense Hessian at this point, already factorised
-        H = H.shifted(self.damping)
+        H, keep = _minima_only(H.shifted(self.damping), sol)
         # in the operator's dtype: an objective whose forward factorised in float64 (rank pooling)
         # hands over a float64 operator for float32 data, and w stays float64 for its mixed product
-        return strategy.solve(H, g.to(H.dtype)), lin
+        W = strategy.solve(H, g.to(H.dtype))
+        return (W if keep is None else _zero_outside(keep, W)), lin
 
     def implicit_tangent(self, problem: Problem, sol: Solution, tangents: dict[str, Tensor]) -> Tensor:
         """Forward mode: ``u̇ = −H⁻¹ Σ_x (∂∇_u f/∂x) ẋ`` for the named tangents (``"V"`` and keyword
@@ -840,6 +842,17 @@ class _Call:
     mask: Tensor | None = None
     given: tuple = ()  # V and the keyword inputs the forward was given
     extra: dict = field(default_factory=dict)
+
+
+def _minima_only(H: Any, sol: Solution) -> tuple[Any, Tensor | None]:
+    """``(H, keep)``: where some samples did not converge (``keep``: those that did), ``H`` with
+    the identity in their place (:meth:`~argminlayers.HessianOperator.masked`). They get no
+    gradient; their own ``H`` (a saddle's, singular or indefinite) made dense, diagonal and
+    Woodbury solves refuse the whole batch, the minima's gradients with it."""
+    conv = sol.converged
+    if conv is None or bool(conv.all()):
+        return H, None
+    return H.masked(conv), conv
 
 
 def _zero_outside(keep: Tensor, x: Tensor) -> Tensor:

@@ -813,6 +813,31 @@ def test_nonconverged_samples_get_zero_gradient_and_the_warning_says_so():
     assert V.grad.abs().sum() == 0
 
 
+@pytest.mark.parametrize("solver,backward", [("newton", None), ("lbfgs", None), ("newton_cg", None),
+                                             ("newton", "diagonal"), ("lbfgs", "dense"), ("lbfgs", "cg")])
+def test_a_saddle_in_the_batch_leaves_the_minima_their_gradients(solver, backward):
+    """A sample stopped at a saddle gets zero gradient, as the warning says; the others get
+    theirs. Only dense Newton's own factor (the identity in a saddle's place) did so: the other
+    solvers' backward factorised or checked the saddle's ``H`` and raised SingularHessianError for
+    the whole batch, in reverse and in forward mode. Reference: the minimum's gradient alone."""
+    f = lambda v, u, c: (u**4).sum() + c * (u**2).sum() - (v * u).sum()  # noqa: E731  (c < 0 at 0: a saddle)
+    V = torch.tensor([[1.0, 0.5, -0.3], [0.0, 0.0, 0.0]], dtype=DT, requires_grad=True)
+    c = torch.tensor([1.0, -1.0], dtype=DT)
+    layer = ArgminLayer(f, solver=solver, backward=backward)
+    with pytest.warns(ConvergenceWarning, match=r"samples \[1\].*Those samples get zero gradient"):
+        (g,) = torch.autograd.grad(layer(V, c=c).sum(), V)
+    V0 = V[:1].detach().requires_grad_(True)
+    (ref,) = torch.autograd.grad(ArgminLayer(f, solver=solver, backward=backward)(V0, c=c[:1]).sum(), V0)
+    torch.testing.assert_close(g[0], ref[0], rtol=1e-7, atol=1e-10)
+    assert (g[1] == 0).all()
+    from torch.autograd.forward_ad import dual_level, make_dual, unpack_dual
+
+    with dual_level(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        tangent = unpack_dual(layer(make_dual(V.detach(), torch.ones_like(V)), c=c)).tangent
+    assert (tangent[1] == 0).all() and tangent[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("solver", [None, "newton", "newton_cg", "lbfgs"])
 def test_plateau_and_maximum_at_zero_gradient_are_not_minima(solver):
     """∇f = 0 exactly at the start, where conjugate gradient on ``H d = ∇f`` sees nothing of ``H``:
