@@ -893,6 +893,21 @@ def test_plateau_is_not_a_minimum():
         ArgminLayer(welsch, init=lambda V, mask: V.mean(1))(data() + 20.0)  # started well: a minimum
 
 
+@pytest.mark.parametrize("solver", ["lbfgs", "newton_cg", "newton"])
+def test_a_steep_start_converges_and_is_not_called_a_saddle(solver):
+    """cosh(10(u − v)) from u₀ = 0 has ‖∇f(u₀)‖ ≈ 5e13, so ‖∇f‖ ≤ tol · ‖∇f(u₀)‖ holds 0.5 from
+    u*: L-BFGS stopped there, and its check of the curvature at the end called the point a saddle
+    ("the Hessian is not positive definite"). A gradient-only solver now checks the curvature and
+    the step to u* where a sample would stop, and goes on while that step is large."""
+    f = lambda v, u: torch.cosh(10 * (u - v)).sum()  # noqa: E731
+    V = torch.tensor([[3.0, 2.0, -2.5]], dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = ArgminLayer(f, solver=solver).solve(V)
+    assert sol.converged.all()
+    torch.testing.assert_close(sol.u, V, rtol=0, atol=1e-6)  # the step test's √tol: 4e-7 (L-BFGS)
+
+
 def test_saddle_is_not_a_minimum():
     def saddle(v, u, mask):
         return 0.5 * (u[0] - v[0, 0]) ** 2 - 0.5 * (u[1] - v[0, 1]) ** 2
