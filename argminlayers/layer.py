@@ -174,7 +174,7 @@ class ArgminLayer(nn.Module):
         self.on_nonconvergence, self.damping, self.init = on_nc, damping, init
         self._solver_opts = {k: options[k] for k in ("tol", "max_iter") if options.get(k) is not None}
         self._solvers: dict[str, Solver] = {}
-        self._probed = False
+        self._probed: tuple | None = None  # the per-sample shapes of the last probed call
         if solver is None and self.objective.solve is not None:
             if self._solver_opts:
                 raise TypeError(
@@ -313,22 +313,22 @@ class ArgminLayer(nn.Module):
             sol = objective.solve(V, mask, **inputs)
             if not isinstance(sol, Solution):
                 sol = Solution(sol)
-            _check_shape(sol.u, B, V, objective, "solve")
+            _check_shape(sol.u, B, V, objective, "solve", inputs)
             problem = Problem(objective, V, mask, inputs, tuple(sol.u.shape[1:]), self.constraints)
-            if not self._probed:
+            if self._probed != _sample_shapes(V, sol.u, inputs):
                 self._probe(problem, sol.u)
             if sol.converged is None or problem.constraints is not None:
                 sol = self._check_stationary(problem, sol)
         else:
             U0 = (self.init or objective.init)(V, mask, **inputs)
-            _check_shape(U0, B, V, objective, "init")
+            _check_shape(U0, B, V, objective, "init", inputs)
             problem = Problem(objective, V, mask, inputs, tuple(U0.shape[1:]), self.constraints)
-            if not self._probed:
+            if self._probed != _sample_shapes(V, U0, inputs):
                 self._probe(problem, U0)
             solver = self._pick_solver(problem)
             sol = solver.minimize(problem, U0.reshape(B, -1))
             sol.u = problem.shaped(sol.u)
-            _check_shape(sol.u, B, V, objective, f"{type(solver).__name__}.minimize")
+            _check_shape(sol.u, B, V, objective, f"{type(solver).__name__}.minimize", inputs)
             # the last record's graph reaches every tensor that requires grad now (the first call's
             # check saw those of its own time: a module frozen then, unfrozen since, is caught here)
             record = getattr(getattr(sol.state, "linearization", None), "_record", None)
@@ -383,8 +383,10 @@ class ArgminLayer(nn.Module):
                         status=status, multipliers=sol.multipliers)
 
     def _probe(self, problem: Problem, U0: Tensor) -> None:
-        """First call: the objective must not modify its arguments, and every tensor that
-        requires grad and that it reads must be one the layer can route gradients to."""
+        """First call, and each call whose per-sample shapes differ from the last probed one (a
+        keyword input of the wrong length then gets the message below, not torch's alone): the
+        objective must not modify its arguments, and every tensor that requires grad and that it
+        reads must be one the layer can route gradients to."""
         objective = self.objective
         V1 = problem.V[:1].detach().clone()
         inputs1 = {k: x[:1].detach().clone() for k, x in problem.inputs.items()}
@@ -421,7 +423,7 @@ class ArgminLayer(nn.Module):
                 )
         for i, out in enumerate(outs):
             self._refuse_hidden(out, f"objective {objective.describe()}" if i == 0 else f"{problem.constraints}")
-        self._probed = True
+        self._probed = _sample_shapes(problem.V, U0, problem.inputs)
 
     def _refuse_hidden(self, out: Any, who: str, known: "tuple[Tensor, ...] | None" = None) -> None:
         """Raise :class:`CapturedTensorError` if ``out`` depends on a tensor that requires grad and
@@ -731,7 +733,7 @@ def _leaves(V: Tensor, inputs: dict, track: bool) -> tuple[Tensor, dict]:
     return leaf(V), {k: leaf(x) for k, x in inputs.items()}
 
 
-def _check_shape(U: Any, B: int, V: Tensor, objective: Objective, where: str) -> None:
+def _check_shape(U: Any, B: int, V: Tensor, objective: Objective, where: str, inputs: dict | None = None) -> None:
     if not isinstance(U, Tensor):
         raise TypeError(f"{objective.describe()}.{where} must return a tensor (B, *q_shape), got {type(U).__name__}")
     if U.dim() == 0 or U.shape[0] != B:
@@ -740,11 +742,18 @@ def _check_shape(U: Any, B: int, V: Tensor, objective: Objective, where: str) ->
             f"B = {B}"
         )
     if U.dtype != V.dtype or U.device != V.device:
-        # a parameter or buffer of another dtype or device promotes f and its derivatives: name it
-        held = [(n, t) for n, t in (*objective.named_parameters(), *objective.named_buffers())
-                if t.is_floating_point() and (t.dtype != V.dtype or t.device != V.device)]
+        # a keyword input, parameter, buffer or captured tensor of another dtype or device promotes f
+        # and its derivatives: name it
+        odd = lambda t: t.is_floating_point() and (t.dtype != V.dtype or t.device != V.device)  # noqa: E731
+        given = [(n, t) for n, t in (inputs or {}).items() if isinstance(t, Tensor) and odd(t)]
+        held = [(n, t) for n, t in (*objective.named_parameters(), *objective.named_buffers(),
+                                    *objective.captured_tensors().items()) if odd(t)]
         hint = ""
-        if held:
+        if given:
+            n, t = given[0]
+            hint = (f" (keyword input {n!r} is {t.dtype} on {t.device}, which promotes the objective's values: pass "
+                    f"it as {n}={n}.to(V), or V to match)")
+        elif held:
             n, t = held[0]
             hint = (f" (the objective's {n!r} is {t.dtype} on {t.device}, which promotes its values: move the layer "
                     f"with layer.to(V.dtype) / layer.to(V.device), or V to match)")
@@ -853,6 +862,11 @@ def _minima_only(H: Any, sol: Solution) -> tuple[Any, Tensor | None]:
     if conv is None or bool(conv.all()):
         return H, None
     return H.masked(conv), conv
+
+
+def _sample_shapes(V: Tensor, U: Tensor, inputs: dict) -> tuple:
+    """The per-sample shapes of a call (``v``, ``u``, each keyword input): when to probe again."""
+    return (V.shape[1:], U.shape[1:], *((k, x.shape[1:]) for k, x in inputs.items()))
 
 
 def _zero_outside(keep: Tensor, x: Tensor) -> Tensor:

@@ -357,8 +357,8 @@ class FunctionObjective(Objective):
             if not isinstance(out, Tensor) or out.shape != (V.shape[0],):
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(
-                    f"objective {self.name!r} is declared batched=True and must return shape (B,) = "
-                    f"({V.shape[0]},), got {got}"
+                    f"objective {self.name!r} is declared batched=True and must return one value per sample, "
+                    f"shape (B,) = ({V.shape[0]},) for this call on {V.shape[0]} sample(s), got {got}"
                 )
             return out
         return super().value(V, U, mask, **inputs)

@@ -176,6 +176,11 @@ def check_inputs(inputs: dict, V: Tensor, reserved: frozenset[str] = _RESERVED) 
             )
         if x.device != V.device:
             raise ValueError(f"keyword input {name!r} is on {x.device} but V is on {V.device}; move them to one device")
+        if x.is_floating_point() and V.is_floating_point() and torch.promote_types(x.dtype, V.dtype) != V.dtype:
+            # it would promote the objective's values past V's dtype, and the solve's result with them
+            # (for some data only: where the solver stops at its first point, u keeps V's dtype)
+            raise TypeError(f"keyword input {name!r} is {x.dtype} but V is {V.dtype}; pass it in V's dtype "
+                            f"({name}={name}.to(V)) or V in {x.dtype}")
         if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"keyword input {name!r} contains NaN or Inf")
     return inputs

@@ -493,3 +493,24 @@ def test_damped_newton_crosses_a_double_well():
     U = sol.u
     torch.testing.assert_close(4 * U**3 - 2 * U - V, torch.zeros_like(V), rtol=0, atol=1e-9)  # ∇f = 0
     assert (12 * U**2 - 2 > 0).all()  # H = diag(12u² − 2) positive definite: minima, not saddles
+
+
+def test_a_batched_plain_function():
+    """``batched=True``: the function takes whole batches (``V (B, T, p)``, ``U (B, p)``, ``mask
+    (B, T)``) and returns ``(B,)`` values; the layer equals the per-sample form (forward and
+    gradient, float64 gradcheck), and a function that returns one number for the batch is refused
+    with the per-sample shape it should have."""
+    def per_sample(v, u, mask):
+        return (torch.sqrt(1 + ((u - v) ** 2).sum(-1)) * mask).sum()
+
+    def whole(V, U, mask):
+        return (torch.sqrt(1 + ((U[:, None] - V) ** 2).sum(-1)) * mask).sum(-1)
+
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(3, 5, 4, generator=g, dtype=DT, requires_grad=True)
+    lengths = torch.tensor([5, 3, 4])
+    a, b = ArgminLayer(per_sample), ArgminLayer(whole, batched=True)
+    torch.testing.assert_close(b(V, lengths=lengths), a(V, lengths=lengths), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda V: b(V, lengths=lengths), (V,))
+    with pytest.raises(ValueError, match=r"declared batched=True and must return one value per sample"):
+        ArgminLayer(lambda V, U, mask: ((U[:, None] - V) ** 2).sum(), batched=True)(V)

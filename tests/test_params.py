@@ -424,6 +424,12 @@ def test_keyword_input_errors():
                                            r"v \(5, 3\), u \(3,\), w \(4,\)") as info:
         layer(data(), w=weights(T=4))  # per-frame weights of the wrong length
     assert "size of tensor" in str(info.value)  # torch's own message follows
+    good = ArgminLayer(weighted_pool)
+    good(data(), w=weights())
+    with pytest.raises(RuntimeError, match=r"failed on its first sample.*w \(4,\)"):  # a later call: probed again
+        good(data(), w=weights(T=4))
+    with pytest.raises(TypeError, match=r"keyword input 'w' is torch.float64 but V is torch.float32; pass it in V's dtype"):
+        layer(data().float(), w=weights())  # it would promote the values (u float64 for some data only)
 
 
 # ------------------------------------------------------------------------ second order
