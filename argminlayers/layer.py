@@ -480,6 +480,13 @@ class ArgminLayer(nn.Module):
         for code, samples in reasons.items():
             text = "the solution is NaN or infinite" if code == -1 else STATUS_TEXT.get(code, "it did not converge")
             hint = _HINTS.get(code, "").format(tol=tol)
+            if code in (MAX_ITER, NO_DESCENT, INFEASIBLE):
+                # a run away to a huge u (far beyond the data's scale) is an objective without a minimum
+                far = max(float(u[samples].norm(dim=-1).amax()), 0.0)
+                if far > _FAR * max(1.0, float(V.detach().abs().amax()) if V.numel() else 1.0):
+                    hint = (f"u ran away to ‖u‖ = {far:.2g}: the objective may be unbounded below"
+                            f"{' on the constraint set' if self.constraints is not None else ''} (no minimiser); "
+                            + hint)
             where = f"samples {samples[:8]}{' ...' if len(samples) > 8 else ''}: " if len(reasons) > 1 else ""
             parts.append(f"{where}{text}{'; ' + hint if hint else ''}")
         gn = ""
@@ -608,6 +615,10 @@ class ArgminLayer(nn.Module):
             W, _ = self._inverse(problem, sol, self.pick_strategy(problem, sol), mixed)
         return -W.to(sol.u.dtype)
 
+
+_FAR = 1e6
+"""``‖u‖`` beyond this many times the data's largest entry (or 1) marks a failed solve that ran
+away: its warning says the objective may have no minimiser."""
 
 _HINTS = {
     MAX_ITER: "raise max_iter (or loosen tol, now {tol:g})",

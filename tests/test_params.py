@@ -844,6 +844,18 @@ def test_a_saddle_in_the_batch_leaves_the_minima_their_gradients(solver, backwar
     assert (tangent[1] == 0).all() and tangent[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("solver", ["newton", "lbfgs"])
+def test_an_objective_without_a_minimiser_is_named_in_the_warning(solver):
+    """Linear along the constraint (or everywhere): the iterates run away (‖u‖ ~ 1e9), and the
+    warning said only to raise max_iter; it now says the objective may be unbounded below."""
+    V = torch.tensor([[1.0, 1.0]], dtype=DT)
+    f = lambda v, u: -(u * v).sum() + 1e-12 * (u[0] - u[1]) ** 2  # noqa: E731  (flat along u0 = u1)
+    with pytest.warns(ConvergenceWarning, match=r"u ran away to ‖u‖ = .*unbounded below on the constraint set"):
+        ArgminLayer(f, eq=lambda v, u: (u[0] - u[1]).reshape(1)).solve(V)
+    with pytest.warns(ConvergenceWarning, match=r"u ran away to ‖u‖ = .*unbounded below \(no minimiser\)"):
+        ArgminLayer(lambda v, u: -(u * v).sum() + torch.exp(-(u * u).sum()), solver=solver).solve(V)
+
+
 @pytest.mark.parametrize("solver", [None, "newton", "newton_cg", "lbfgs"])
 def test_plateau_and_maximum_at_zero_gradient_are_not_minima(solver):
     """∇f = 0 exactly at the start, where conjugate gradient on ``H d = ∇f`` sees nothing of ``H``:
