@@ -283,3 +283,145 @@ def test_feature_folders_follow_the_same_policy(tmp_path):
     names = {r["path"].rsplit("/", 1)[-1] for r in metrics["data"]["unreadable"]}
     assert names == {"empty.npy", "random.pt", "pickled.npy", "wrong_p.npy", "nan.pt"}
     assert sum(e["train_items"] for e in result.history[:1]) + result.history[0]["test_items"] == 9
+
+
+# ------------------------------------------------------------------------------------ reports and limits
+
+
+def _split_folder(root, *, bad_train=0, bad_test=0, good=2):
+    """``root/{train,test}/{a,b}``: ``good`` videos of 4–8 frames per class and split, plus zero-frame AVIs."""
+    v = 0
+    for split, bad in (("train", bad_train), ("test", bad_test)):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for _ in range(good):
+                write_video(root / split / name / f"v{v:02d}.mp4", 8, 20 + 10 * v, size=(32, 32))
+                v += 1
+        for j in range(bad):
+            write_video(root / split / "ab"[j % 2] / f"zero{j}.avi", 0, 0, "mjpeg", "yuvj420p", size=(32, 32))
+    return root
+
+
+def test_eval_reports_a_file_found_at_first_read_once(tmp_path):
+    from poolings.video.evaluate import evaluate_checkpoint
+    from poolings.video.train import _split
+
+    root = _split_folder(tmp_path / "data", bad_test=1)
+    train(_config(root, tmp_path / "run", 0, epochs=1))
+    found = [(r["path"].rsplit("/", 1)[-1], r["found"]) for r in
+             json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]["unreadable"]]
+    assert found == [("zero0.avi", "epoch 1")]
+    report = evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", device="cpu")
+    assert [(r["path"].rsplit("/", 1)[-1], r["found"]) for r in report["data"]["unreadable"]] == \
+        [("zero0.avi", "first read")]
+    assert report["data"]["skipped"] == 1 and "(1 unreadable left out)" in report["summary"]
+
+    # one folder split at random: a bad item read for the training split is not in the test report
+    flat = tmp_path / "flat"
+    for name in ("a", "b"):
+        (flat / name).mkdir(parents=True)
+        for j in range(3):
+            write_video(flat / name / f"v{j}.mp4", 6, 40 + 10 * j, size=(32, 32))
+    write_video(flat / "a" / "0zero.avi", 0, 0, "mjpeg", "yuvj420p", size=(32, 32))   # item 0
+    seed = next(s for s in range(50) if 0 in _split(list(range(7)), 0.34, s)[0].indices)
+    train(_config(flat, tmp_path / "flat_run", seed, epochs=1))
+    records = json.loads((tmp_path / "flat_run" / "metrics.json").read_text())["data"]["unreadable"]
+    assert [(r["path"].rsplit("/", 1)[-1], r["split"], r["found"]) for r in records] == \
+        [("0zero.avi", "train", "epoch 1")]                  # found once, not also as "scan"
+    report = evaluate_checkpoint(tmp_path / "flat_run" / "checkpoint.pt", device="cpu")
+    assert report["data"]["unreadable"] == [] and "unreadable" not in report["summary"]
+
+
+def test_a_failed_cache_write_is_not_blamed_on_the_video(bad_folder, tmp_path, monkeypatch, capsys):
+    from poolings.cli import main
+    from poolings.video.data import FrameCache
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FrameCache, "store", disk_full)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableVideoWarning)
+        ds = VideoFolder(bad_folder, frame_size=16, num_frames=4, cache=tmp_path / "cache")
+    good = [i for i, (p, _) in enumerate(ds.samples) if p.rsplit("/", 1)[-1] not in LAZY_BAD]
+    with pytest.warns(UserWarning) as record:
+        seen = {signature(ds[i][0]) for i in good}
+    assert seen == GOOD and set(ds.unreadable) == set(ds.left_out)       # no readable video dropped
+    cache_warnings = [w for w in record if "--cache" in str(w.message)]
+    assert len(cache_warnings) == 1 and "No space left on device" in str(cache_warnings[0].message)
+
+    # a cache folder that cannot be used at all stops the command at once, naming --cache
+    (tmp_path / "a_file").write_text("x")
+    rc = main(["train", "--data", "folder", str(bad_folder), "--cache", str(tmp_path / "a_file" / "sub"),
+               "--frame-size", "16", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--cache" in err and "a_file" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_no_readable_training_item_names_the_files(tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+    for j in range(6):
+        write_video(root / "train" / "ab"[j % 2] / f"zero{j}.avi", 0, 0, "mjpeg", "yuvj420p", size=(32, 32))
+    for j, name in enumerate("ab"):
+        write_video(root / "test" / name / f"v{j}.mp4", 6, 50, size=(32, 32))
+    with pytest.raises(ValueError) as info:
+        train(_config(root, tmp_path / "run", 0, epochs=1))
+    text = str(info.value)
+    assert "none of the 6 items of the training split" in text and str(root / "train") in text
+    assert text.count("zero") == 5 and "no decodable video frame" in text and "and 1 more" in text
+
+
+def test_an_unreadable_test_split_is_refused_before_training(tmp_path):
+    root = _split_folder(tmp_path / "data", good=0)
+    for split, name in (("train", "a"), ("train", "b")):
+        write_video(root / split / name / f"v_{name}.mp4", 6, 50, size=(32, 32))
+    for j in range(2):
+        write_video(root / "test" / "ab"[j] / f"zero{j}.avi", 0, 0, "mjpeg", "yuvj420p", size=(32, 32))
+    with pytest.raises(ValueError) as info:
+        train(_config(root, tmp_path / "run", 0, epochs=1))
+    text = str(info.value)
+    assert "test split" in text and "zero0.avi" in text and "zero1.avi" in text and "no decodable" in text
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()              # refused before training
+
+    # a test split that turns unreadable after the check: the trained epoch is saved all the same
+    class Fading(torch.utils.data.Dataset):
+        classes, num_classes = ["a", "b"], 2
+
+        def __init__(self):
+            self.reads = 0
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            self.reads += 1
+            if self.reads > 1:
+                raise UnreadableItemError(f"gone{i}.avi", "vanished")
+            return torch.rand(3, 3, 16, 16), i
+
+    class Steady(Fading):
+        def __getitem__(self, i):
+            return torch.rand(3, 3, 16, 16), i
+
+    cfg = _config(root, tmp_path / "run2", 0, epochs=2)
+    with pytest.raises(ValueError) as info:
+        train(cfg, datasets=(Steady(), Fading()))
+    text = str(info.value)
+    assert "gone0.avi (vanished)" in text and "checkpoint.pt" in text
+    assert torch.load(tmp_path / "run2" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
+def test_the_summary_reports_the_frames_the_model_sees(bad_folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableVideoWarning)
+        ds = VideoFolder(bad_folder, frame_size=16, num_frames=4)
+    known = [c for c in ds.frame_counts if c is not None]
+    assert known and min(known) > 4                           # every file holds more than 4 frames
+    info = describe(ds)
+    assert info["lengths"]["max"] == 4 and info["lengths"]["min"] == 4
+    text = "\n".join(format_summary({"train": info, "test": info}, frame_shape=(3, 16, 16)))
+    assert "train 4–4" in text and f"{min(known)}–{max(known)} in the files" in text

@@ -412,3 +412,15 @@ def test_amp_on_cuda_uses_float16_and_a_gradient_scaler(tmp_path):
     assert set(seen) == {torch.float32} and math.isfinite(result.history[-1]["train_loss"])
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["scaler"]                                  # the scaler's state is saved for resuming
+
+
+def test_min_len_has_one_limit_named_by_its_argument():
+    from poolings.video.data import MovingDigits
+
+    for lengths in ({"min_len": 0}, {"min_len": 1, "max_len": 1}, {"min_len": 1}):
+        with pytest.raises(ValueError, match=r"--min-len.*>= 2"):
+            TrainConfig(**lengths).validate()
+    with pytest.raises(ValueError, match=r"min_len must be an int >= 2"):
+        MovingDigits("train", num_videos=2, num_classes=2, min_len=1, max_len=1)
+    TrainConfig(min_len=2, max_len=2).validate()
+    assert len(MovingDigits("train", num_videos=2, num_classes=2, min_len=2, max_len=2)[0][0]) == 2

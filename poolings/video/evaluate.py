@@ -132,8 +132,10 @@ def evaluate_checkpoint(
         raise ValueError(f"checkpoint: the model in {checkpoint} does not fit this data ({num_classes} classes, "
                          f"items of shape {frame_shape}): {' '.join(str(exc).split())[:160]}") from exc
     model.to(dev)
+    # files the probe left out of the data set (not items); an item that fails at its read is in loader.skipped
+    scanned = describe(dataset)["unreadable"]
     loader = eval_loader(dataset, batch_size, num_workers)
-    scores, labels = predict(model, loader, device=dev, amp=cfg.amp)
+    scores, labels = predict(model, loader, device=dev, amp=cfg.amp, split=split)
 
     base = getattr(dataset, "dataset", dataset)
     classes = list(getattr(base, "classes", [str(k) for k in range(num_classes)]))
@@ -149,7 +151,6 @@ def evaluate_checkpoint(
         targets = labels.numpy()
         report["per_class_ap"] = {c: float(average_precision_score(targets[:, k], scores[:, k].numpy()))
                                   for k, c in enumerate(classes) if targets[:, k].any()}
-    scanned = describe(dataset)["unreadable"]
     unreadable = [{"path": p, "reason": r, "found": "scan"} for p, r in scanned.items()]
     unreadable += [{"path": s.path, "reason": s.reason, "found": "first read"} for s in loader.skipped]
     report["data"] = {"kind": cfg.data, "path": cfg.data_path, "skipped": len(unreadable), "unreadable": unreadable}

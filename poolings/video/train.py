@@ -26,7 +26,9 @@ with and stays at ``lr_final`` after its last epoch.
 Unreadable videos (or feature files) are left out, never replaced: those a probe finds when the
 data set is built are listed in the start-of-run summary; one found at its first read is dropped
 from its batch, reported once, and excluded from every later epoch (also when found in a
-``DataLoader`` worker, and by every process under DDP). ``metrics.json`` lists them all.
+``DataLoader`` worker, and by every process under DDP). ``metrics.json`` lists them all, each
+once. A training or test split with no readable item stops the run before the first epoch, naming
+the files; a test split that turns unreadable later stops it after the epoch's checkpoint is saved.
 
 Solver non-convergence of the pooling (``argminlayers.ConvergenceWarning``) is collected per
 epoch, not printed per batch: the epoch's line says how many samples did not converge and the
@@ -68,6 +70,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingInterrupted",
+    "NothingToEvaluate",
     "RUN_OUTPUTS",
     "train",
     "evaluate",
@@ -123,7 +126,7 @@ class TrainConfig:
     num_videos: int = _h("moving-digits: training videos", default=256)
     num_test_videos: int = _h("moving-digits: test videos", default=128)
     num_classes: int = _h("moving-digits: classes", default=4)
-    min_len: int = _h("moving-digits: shortest video", default=8)
+    min_len: int = _h("moving-digits: shortest video (at least 2 frames: a motion needs two)", default=8)
     max_len: int = _h("moving-digits: longest video", default=16)
     frame_size: int = _h("frame height and width", default=32)
     num_frames: int = _h("folder data: frames sampled per video", default=16)
@@ -170,11 +173,14 @@ class TrainConfig:
         if self.data != "moving-digits" and not self.data_path:
             raise ValueError(f"data_path: required for data={self.data!r}")
         for name in ("epochs", "batch_size", "num_videos", "num_test_videos", "num_classes", "feature_dim",
-                     "frame_size", "num_frames", "min_len", "max_len"):
+                     "frame_size", "num_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.min_len < 2:     # MovingDigits spreads a motion over T - 1 steps
+            raise ValueError(f"min_len (--min-len): must be >= 2 (a moving digit needs two frames to move), "
+                             f"got {self.min_len}")
         if self.min_len > self.max_len:
-            raise ValueError(f"min_len ({self.min_len}) must be <= max_len ({self.max_len})")
+            raise ValueError(f"min_len (--min-len {self.min_len}) must be <= max_len (--max-len {self.max_len})")
         for name in ("lr", "lr_final", "C", "eps"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0) and not (name == "eps" and value == 0):
@@ -350,16 +356,40 @@ def _quietly(make: Callable) -> Callable:
     return wrapped
 
 
-def item_shape(dataset) -> tuple[int, ...]:
-    """The per-step shape of the first readable item (``(C, H, W)`` or ``(p,)``)."""
+def item_shape(dataset, split: str = "training") -> tuple[int, ...]:
+    """The per-step shape of the first readable item (``(C, H, W)`` or ``(p,)``).
+
+    Raises a ``ValueError`` naming the ``split`` and every item's file and why it is unreadable
+    (the first five, then a count) when none can be read.
+    """
     from .data import UnreadableItemError
 
+    errors: list[UnreadableItemError] = []
     for i in range(len(dataset)):
         try:
             return tuple(dataset[i][0].shape[1:])
-        except UnreadableItemError:
-            continue
-    raise ValueError(f"data: none of the {len(dataset)} items can be read")
+        except UnreadableItemError as err:
+            errors.append(err)
+    raise ValueError(f"data: {_none_readable(dataset, split, [(e.path, e.reason) for e in errors])}")
+
+
+def _none_readable(dataset, split: str, bad: list[tuple[str, str]], count: int | None = None) -> str:
+    """``"none of the N items of the test split (under ROOT) can be read: a.avi (reason); ..."``."""
+    base = getattr(dataset, "dataset", dataset)
+    while hasattr(base, "dataset") and not hasattr(base, "root"):
+        base = base.dataset
+    root = getattr(base, "root", None)
+    where = f" (under {root})" if root is not None else ""
+    if not bad:
+        return f"the {split} split{where} holds no item"
+    listed = "; ".join(f"{p} ({r})" for p, r in bad[:5])
+    more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    scanned = len(getattr(base, "left_out", {}) or {})
+    also = f"; {scanned} more file{'s' if scanned != 1 else ''} were left out when the folder was scanned" \
+        if scanned else ""
+    count = len(dataset) if count is None else count
+    return (f"none of the {count} items of the {split} split{where} can be read: {listed}{more}{also}; "
+            "fix or remove these files")
 
 
 def _num_classes(dataset) -> int:
@@ -510,12 +540,18 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
+class NothingToEvaluate(ValueError):
+    """:func:`predict` found no readable item; the message names the files and why."""
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader, *, device: torch.device | str = "cpu", amp: bool = False,
-            score: Callable | None = None) -> tuple[Tensor, Tensor]:
+            score: Callable | None = None, split: str = "evaluated") -> tuple[Tensor, Tensor]:
     """Scores ``(N, K)`` (float32, CPU) and labels of every batch of ``loader``, the model in eval mode.
 
     ``score(model, frames, lengths)`` replaces ``model(frames, lengths)`` (e.g. per-frame scoring).
+    Raises :class:`NothingToEvaluate`, naming the ``split``, the files and why each is unreadable,
+    when no item can be read.
     """
     model.eval()
     device = torch.device(device)
@@ -529,15 +565,20 @@ def predict(model: nn.Module, loader, *, device: torch.device | str = "cpu", amp
         scores.append(logits.float().cpu())
         labels_all.append(labels.cpu())
     if not scores:
-        raise ValueError("evaluate: no readable item to evaluate")
+        skipped = [(s.path, s.reason) for s in getattr(loader, "skipped", [])]
+        view = getattr(loader, "dataset", None)
+        if view is None or not skipped:
+            raise NothingToEvaluate(f"evaluate: no readable item in the {split} split to evaluate")
+        dataset = getattr(view, "dataset", view)             # the data set under make_loader's view
+        raise NothingToEvaluate(f"evaluate: {_none_readable(dataset, split, skipped, count=len(view))}")
     return torch.cat(scores), torch.cat(labels_all)
 
 
 def evaluate(model: nn.Module, loader, *, loss: str = "ce", device: torch.device | str = "cpu",
-             amp: bool = False) -> dict:
+             amp: bool = False, split: str = "evaluated") -> dict:
     """Loss and metrics (``accuracy`` for single-label data, ``map`` for hinge or multi-label), and
     ``items``, the number of videos evaluated (a loader of :func:`eval_loader` leaves unreadable ones out)."""
-    scores, labels = predict(model, loader, device=device, amp=amp)
+    scores, labels = predict(model, loader, device=device, amp=amp, split=split)
     out = {"loss": float(video_loss(scores, labels, loss))}
     out.update(_metrics(scores, labels, loss))
     out["items"] = len(labels)
@@ -735,6 +776,8 @@ def train(
             train_set, test_set = datasets
             num_classes = _num_classes(train_set)
             frame_shape = item_shape(train_set)
+        with torch.random.fork_rng(devices=[]):   # reading an item must not move the seeded model init
+            item_shape(test_set, "test")          # a test split with nothing readable fails before training
         from .data import describe, format_summary
 
         data_info = {"train": describe(train_set), "test": describe(test_set)}
@@ -804,8 +847,13 @@ def train(
                     scheduler.step()
                 if rank == 0:
                     test_loader = eval_loader(test_set, max(cfg.batch_size, 8), cfg.num_workers, exclude=bad["test"])
-                    with conv:
-                        metrics = evaluate(model, test_loader, loss=cfg.loss, device=device, amp=cfg.amp)
+                    eval_error = None
+                    try:
+                        with conv:
+                            metrics = evaluate(model, test_loader, loss=cfg.loss, device=device, amp=cfg.amp,
+                                               split="test")
+                    except NothingToEvaluate as exc:   # save the trained epoch first, then stop
+                        metrics, eval_error = {}, exc
                     new += _note_skipped(bad, [tuple(s) for s in test_loader.skipped], "test", epoch)
                     entry.update({f"test_{k}": v for k, v in metrics.items()})
                     entry.update(conv.entry())
@@ -833,6 +881,9 @@ def train(
                                   f"left out from now on: {listed}", file=sys.stderr, flush=True)
                         if entry["nonconverged_solves"]:
                             print(_convergence_line(entry, model), file=sys.stderr, flush=True)
+                    if eval_error is not None:
+                        raise ValueError(f"{eval_error}; epoch {epoch + 1} is trained and saved in {ckpt_path}: "
+                                         "rerun with --resume once the files are fixed") from eval_error
                 else:
                     history.append(entry)
                 if distributed:

@@ -30,6 +30,7 @@ from .batching import VideoLoader, collate_videos, make_loader, pack_padded, pad
 from .features import FEATURE_EXTENSIONS, FeatureDataset, extract_features, probe_feature_file
 from .folder import (
     VIDEO_EXTENSIONS,
+    CacheWriteWarning,
     FrameCache,
     UnreadableVideoWarning,
     VideoFolder,
@@ -49,6 +50,7 @@ __all__ = [
     "render_moving_digits",
     "VideoFolder",
     "FrameCache",
+    "CacheWriteWarning",
     "UnreadableVideoWarning",
     "UnreadableFileWarning",
     "UnreadableItemError",

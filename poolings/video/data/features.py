@@ -73,7 +73,8 @@ class FeatureDataset(Dataset):
 
     In-memory features are checked at construction (finite, 2-D, ``T >= 1``, the same ``p``)
     and a bad one raises ``ValueError`` naming it; files are probed and bad ones left out (see
-    the module docstring): ``unreadable`` maps each left-out file to the reason. ``feature_dim``
+    the module docstring): ``unreadable`` maps each left-out file to the reason (``left_out``:
+    those the probe found at construction, the others at a read). ``feature_dim``
     is ``p``; ``frame_counts[i]`` is item ``i``'s ``T``.
     """
 
@@ -158,6 +159,7 @@ class FeatureDataset(Dataset):
         if not keep:
             raise ValueError("FeatureDataset: no readable feature entries"
                              + (f"; {len(self.unreadable)} unreadable files: {listed}{more}" if self.unreadable else ""))
+        self.left_out: dict[str, str] = dict(self.unreadable)   # found by the probe; never numbered
         self.items = [items[i] for i in keep]
         self.labels = y[keep]
         self.frame_counts: list[int] = [x.shape[0] if isinstance(x, Tensor) else shapes[i][0]

@@ -10,13 +10,16 @@ Unreadable files are left out, never replaced by another video:
   drop it from its batch and the training loop excludes it from every later epoch.
 
 With ``cache=DIR`` the decoded frames (uint8, at the chosen frame size, every frame) are kept in
-``DIR``, so that only the first read of a video decodes it.
+``DIR``, so that only the first read of a video decodes it. A folder that cannot be written is
+refused at construction; a write that fails later (a full disk) is not a fault of the video: it
+warns once (:class:`CacheWriteWarning`) and the item is read on without its cache entry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -33,6 +36,10 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".m
 
 class UnreadableVideoWarning(UnreadableFileWarning):
     """Video files could not be opened or decoded and were left out."""
+
+
+class CacheWriteWarning(UserWarning):
+    """Decoded frames could not be written to the frame cache; the videos are read on without it."""
 
 
 def _import_av():
@@ -138,13 +145,23 @@ class FrameCache:
     same at every read), so an edited video is decoded again. Entries are written to a temporary file and renamed,
     so concurrent ``DataLoader`` workers never read half an entry. Cost: ``T·H·W·3`` bytes per
     video on disk (48 kB for 16 frames of 32×32).
+
+    The folder is created if needed and must be writable: otherwise the constructor raises
+    (``NotADirectoryError`` for a file, ``ValueError`` naming the folder and why), before
+    anything is decoded.
     """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
-            raise NotADirectoryError(f"cache: {self.root} is a file, not a folder; give a folder path")
-        self.root.mkdir(parents=True, exist_ok=True)
+            raise NotADirectoryError(f"cache: {self.root} is a file, not a folder; give --cache a folder path")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".write-check-", suffix=".tmp"):
+                pass
+        except OSError as err:
+            raise ValueError(f"cache: cannot write to {self.root} ({error_text(err)}); give --cache a writable "
+                             "folder, or leave --cache out") from err
 
     def entry(self, path: str, frame_size: tuple[int, int] | None, frames: str = "all") -> Path:
         """The file of ``path`` at ``frame_size``; ``frames`` names the frames kept (``"all"``, ``"uniform16"``)."""
@@ -165,8 +182,12 @@ class FrameCache:
     def store(self, path: str, frame_size: tuple[int, int] | None, rgb: np.ndarray, frames: str = "all") -> None:
         entry = self.entry(path, frame_size, frames)
         tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, np.ascontiguousarray(rgb, dtype=np.uint8), allow_pickle=False)
-        os.replace(tmp, entry)
+        try:
+            np.save(tmp, np.ascontiguousarray(rgb, dtype=np.uint8), allow_pickle=False)
+            os.replace(tmp, entry)
+        except BaseException:
+            tmp.unlink(missing_ok=True)   # no half-written entry left behind (a full disk)
+            raise
 
 
 class VideoFolder(Dataset):
@@ -193,8 +214,12 @@ class VideoFolder(Dataset):
       this data set stays the same.
 
     ``unreadable`` maps each bad path found in this process to the reason; ``skipped`` counts
-    them. ``frame_counts[i]`` is item ``i``'s frame count from its header (``None`` if the
-    container does not say). ``cache``: a folder for :class:`FrameCache`.
+    them; ``left_out`` holds those the probe found at construction (files that are not items).
+    ``frame_counts[i]`` is item ``i``'s frame count from its header (``None`` if the container
+    does not say); ``item_lengths[i]`` the number of frames the item gives (``min(num_frames,
+    frame_counts[i])``). ``cache``: a folder for :class:`FrameCache` (it must be writable; a
+    write that fails later warns once with :class:`CacheWriteWarning` and the item is returned
+    uncached, never reported unreadable).
     """
 
     def __init__(
@@ -227,6 +252,7 @@ class VideoFolder(Dataset):
         self.root, self.num_frames, self.frame_size = root, num_frames, frame_size
         self.sample, self.transform = sample, transform
         self.cache = None if cache is None else FrameCache(cache)
+        self._cache_warned = False
         self.classes: list[str] = sorted(
             d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
         )
@@ -263,6 +289,7 @@ class VideoFolder(Dataset):
                     continue
             self.samples.append((path, label))
             self.frame_counts.append(count)
+        self.left_out: dict[str, str] = dict(self.unreadable)   # found by the probe; never numbered
         listed = "; ".join(f"{p} ({r})" for p, r in list(self.unreadable.items())[:5])
         more = f"; and {len(self.unreadable) - 5} more" if len(self.unreadable) > 5 else ""
         if self.unreadable:
@@ -293,6 +320,13 @@ class VideoFolder(Dataset):
         """Each item's label, without decoding."""
         return [y for _, y in self.samples]
 
+    @property
+    def item_lengths(self) -> list[int | None]:
+        """Frames each item gives (what a model sees): ``min(num_frames, frame_counts[i])``; ``None`` if unknown."""
+        if self.num_frames is None:
+            return list(self.frame_counts)
+        return [None if c is None else min(c, self.num_frames) for c in self.frame_counts]
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -307,11 +341,26 @@ class VideoFolder(Dataset):
         if self.cache is None or fixed:  # convert only the frames kept
             rgb = _rgb(decoded, self._sample(len(decoded)).tolist(), self.frame_size)
             if self.cache is not None:
-                self.cache.store(path, self.frame_size, rgb, kept)
+                self._store(path, rgb, kept)
             return _as_float(rgb)
         rgb = _rgb(decoded, range(len(decoded)), self.frame_size)  # random samples: cache every frame
-        self.cache.store(path, self.frame_size, rgb, kept)
+        self._store(path, rgb, kept)
         return _as_float(rgb[self._sample(rgb.shape[0]).numpy()])
+
+    def _store(self, path: str, rgb: np.ndarray, kept: str) -> None:
+        """Write a cache entry; a failed write (a full disk) is the cache's problem, not the video's."""
+        try:
+            self.cache.store(path, self.frame_size, rgb, kept)
+        except OSError as err:
+            if not self._cache_warned:
+                self._cache_warned = True
+                warnings.warn(
+                    f"cache: could not write the decoded frames of {path} to {self.cache.root} ({error_text(err)}); "
+                    "reading on without caching the items whose entries cannot be written (they are decoded at "
+                    "every read): free space in --cache, or leave --cache out",
+                    CacheWriteWarning,
+                    stacklevel=4,
+                )
 
     def _sample(self, n: int) -> Tensor:
         return sample_frame_indices(n, self.num_frames, self.sample)

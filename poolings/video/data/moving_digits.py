@@ -228,6 +228,8 @@ class MovingDigits(Dataset):
                 f"MovingDigits: num_classes must be even and at most {len(MOTIONS)} "
                 f"(classes come in time-reversal pairs), got {num_classes}"
             )
+        if isinstance(min_len, (int, np.integer)) and not isinstance(min_len, bool) and min_len < 2:
+            raise ValueError(f"min_len must be an int >= 2 (a moving digit needs two frames to move), got {min_len!r}")
         _check_int("min_len", min_len, 2)
         _check_int("max_len", max_len, min_len)
         _check_int("size", size, 8)

@@ -3,8 +3,10 @@
 :func:`describe` returns a JSON-ready dict per split (items, items per class, lengths, the
 files left out at construction); :func:`format_summary` prints the start-of-run summary. Each
 data source offers ``classes``, ``targets`` (labels) and ``frame_counts`` (frames per item,
-``None`` where unknown without decoding) and, where files can be unreadable, ``unreadable``
-(path -> reason); a ``Subset`` is followed to its data set.
+``None`` where unknown without decoding); one that keeps fewer frames than its files hold
+(``VideoFolder`` with ``num_frames``) also offers ``item_lengths``, the frames each item gives.
+Where files can be unreadable, ``left_out`` (path -> reason) lists those found at construction
+(or, without it, ``unreadable``); a ``Subset`` is followed to its data set.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def _unwrap(dataset: Dataset) -> tuple[Any, list[int]]:
 
 def describe(dataset: Dataset) -> dict[str, Any]:
     """``items``, ``per_class`` (counts; positives per class for multi-label data), ``lengths``
-    (``min``, ``median``, ``max``, ``unknown``) and ``unreadable`` (files left out at construction)."""
+    (``min``, ``median``, ``max``, ``unknown``: the frames each item gives the model, and
+    ``in_files`` (``min``, ``max``) where the files hold more) and ``unreadable`` (files left out
+    at construction; not those found at a later read, which the loaders report)."""
     base, idx = _unwrap(dataset)
     out: dict[str, Any] = {"items": len(idx)}
     classes = list(getattr(base, "classes", []) or [])
@@ -41,12 +45,18 @@ def describe(dataset: Dataset) -> dict[str, Any]:
             else:
                 counts[int(y)] += 1
         out["per_class"] = dict(zip(classes, counts))
-    frames = getattr(base, "frame_counts", None)
+    in_files = getattr(base, "frame_counts", None)
+    frames = getattr(base, "item_lengths", None)
+    frames = in_files if frames is None else frames
     if frames is not None:
         known = [int(frames[i]) for i in idx if frames[i] is not None]
         out["lengths"] = {"min": min(known, default=None), "median": statistics.median(known) if known else None,
                           "max": max(known, default=None), "unknown": len(idx) - len(known)}
-    out["unreadable"] = dict(getattr(base, "unreadable", {}) or {})
+        stored = [int(in_files[i]) for i in idx if in_files[i] is not None] if in_files is not None else []
+        if stored and stored != known:
+            out["lengths"]["in_files"] = {"min": min(stored), "max": max(stored)}
+    left_out = getattr(base, "left_out", None)
+    out["unreadable"] = dict((getattr(base, "unreadable", {}) if left_out is None else left_out) or {})
     return out
 
 
@@ -68,11 +78,13 @@ def format_summary(summary: dict[str, Any], *, frame_shape: tuple[int, ...] | No
         n = part.get("lengths")
         if n and n["min"] is not None:
             unknown = f", {n['unknown']} not in their headers" if n["unknown"] else ""
-            spans.append(f"{name} {n['min']}–{n['max']} (median {n['median']:g}{unknown})")
+            files = n.get("in_files")
+            files = f"; {files['min']}–{files['max']} in the files" if files else ""
+            spans.append(f"{name} {n['min']}–{n['max']} (median {n['median']:g}{unknown}{files})")
         elif n:
             spans.append(f"{name}: not in the file headers")
     if spans:
-        lines.append("  frames per item: " + "; ".join(spans))
+        lines.append("  frames per item (as the model sees them): " + "; ".join(spans))
     bad = {**train.get("unreadable", {}), **test.get("unreadable", {})}
     if bad:
         listed = "; ".join(f"{p} ({r})" for p, r in bad.items())
