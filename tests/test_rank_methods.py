@@ -307,8 +307,16 @@ def test_cuda_matches_cpu_every_method(method):
 
 @pytest.mark.parametrize("n", [5, 64, 300])  # in place on the transposed view; blocked above 2 × 128
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cholesky_in_place_is_lower_factor_and_reports_the_failing_minor(n, dtype):
+@pytest.mark.parametrize("lapack", [True, False], ids=["scipy-lapack", "torch"])
+def test_cholesky_in_place_is_lower_factor_and_reports_the_failing_minor(n, dtype, lapack, monkeypatch):
+    from poolings.rank import factored
     from poolings.rank.factored import cholesky_
+
+    calls = []
+    potrf = factored._potrf_
+    monkeypatch.setattr(factored, "_potrf_", lambda A: calls.append(A.shape) or potrf(A))
+    if not lapack:  # torch's path (CUDA's on the CPU): LAPACK only from an n never reached
+        monkeypatch.setattr(factored, "_LAPACK_MIN_N", 10**9)
 
     g = torch.Generator().manual_seed(n)
     X = torch.randn(3, n, n + 4, generator=g, dtype=F64)
@@ -322,3 +330,58 @@ def test_cholesky_in_place_is_lower_factor_and_reports_the_failing_minor(n, dtyp
     assert torch.equal(L, L.tril())
     tol = 1e-12 if dtype == F64 else 1e-5
     assert float((L.double() @ L.double().mT - A[:2].double()).abs().max()) <= tol * float(A[:2].abs().max())
+    assert bool(calls) == (lapack and n >= factored._LAPACK_MIN_N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("outer", [True, False])
+def test_gram_by_syrk_equals_the_product_and_is_symmetric(dtype, outer, monkeypatch):
+    """Above _SYRK_MIN_FLOPS a CPU Gram product is BLAS syrk's triangle, mirrored: it equals
+    torch.bmm to rounding and is exactly symmetric; a non-contiguous V takes torch.bmm, and so
+    does a V that autograd records."""
+    from poolings.rank import factored
+    from poolings.rank.factored import _SYRK_MIN_FLOPS, gram
+
+    used = []
+    lapack = factored._lapack
+    monkeypatch.setattr(factored, "_lapack", lambda: used.append(1) or lapack())
+
+    g = torch.Generator().manual_seed(3)
+    V = torch.randn(3, 1500, 40, generator=g, dtype=F64).to(dtype)
+    assert (1500 * 1500 * 40 if outer else 1500 * 40 * 40) >= _SYRK_MIN_FLOPS
+    ref = (torch.bmm(V, V.mT) if outer else torch.bmm(V.mT, V)).double()
+    tracked = V.clone().requires_grad_(True)
+    for X, syrk in ((V, True), (V.transpose(1, 2).contiguous().transpose(1, 2), False), (tracked, False)):
+        used.clear()
+        G = gram(X, outer)
+        assert bool(used) == syrk
+        assert G.dtype == dtype and G.shape == ref.shape
+        tol = 1e-13 if dtype == F64 else 1e-6
+        assert float((G.detach().double() - ref).abs().max()) <= tol * float(ref.abs().max())
+        if syrk:
+            assert torch.equal(G, G.mT)
+    with torch.no_grad():                       # as inside the layer's autograd.Function
+        used.clear()
+        gram(tracked, outer)
+        assert used
+
+
+@pytest.mark.skipif(not __import__("poolings.rank.small", fromlist=["_kernel"])._kernel(),
+                    reason="the kernel is not built")
+def test_compiled_long_pass_equals_the_chunked_float64_pass(monkeypatch):
+    """combine_long on float32 frames from 512 steps: the compiled pass (float64 accumulation,
+    no float64 copy of V, zero columns skipped) equals the chunked torch pass to float64 rounding."""
+    from poolings.rank import pspace, small
+
+    g = torch.Generator().manual_seed(5)
+    V = torch.randn(2, 1300, 24, generator=g).float()
+    cols = torch.randn(2, 3, 1300, generator=g, dtype=F64)
+    cols[:, 1:, ::3] = 0.0
+    ref = torch.bmm(cols, V.double())
+    fast = pspace.combine_long(cols, V)
+    monkeypatch.setattr(small, "COMPILED", False)
+    slow = pspace.combine_long(cols, V)
+    assert pspace._compiled_combine(V) is None
+    for out in (fast, slow):
+        assert out.dtype == F64
+        assert float((out - ref).abs().max()) <= 1e-13 * float(ref.abs().max())

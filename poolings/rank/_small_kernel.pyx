@@ -626,3 +626,30 @@ def solve(object K, object V, double[:, :, ::1] M, unsigned char[:, ::1] M_set, 
     if failed:
         return None
     return x, r, done.astype(bool), iters.astype(np.int64), gnorm, factored.astype(bool)
+
+
+def combine(const double[:, :, ::1] cols, const float[:, :, ::1] V, double[:, :, ::1] out):
+    """``out (B, k, p) = cols (B, k, T) @ V (B, T, p)`` for float32 ``V``, accumulated in float64:
+    :func:`poolings.rank.pspace.combine_long` in one pass over ``V`` (no float64 copy of it).
+    Columns are skipped where ``cols`` is zero (steps inside the tube, or off a candidate set)."""
+    cdef Py_ssize_t B = V.shape[0], T = V.shape[1], p = V.shape[2], k = cols.shape[1]
+    cdef Py_ssize_t b, t, j, i
+    cdef double c
+    cdef const float *row
+    cdef double *o
+    if cols.shape[0] != B or cols.shape[2] != T or out.shape[0] != B or out.shape[1] != k or out.shape[2] != p:
+        raise ValueError("combine: shapes do not match")
+    with nogil:
+        for b in range(B):
+            for j in range(k):
+                o = &out[b, j, 0]
+                for i in range(p):
+                    o[i] = 0.0
+            for t in range(T):
+                row = &V[b, t, 0]
+                for j in range(k):
+                    c = cols[b, j, t]
+                    if c != 0.0:
+                        o = &out[b, j, 0]
+                        for i in range(p):
+                            o[i] += c * <double> row[i]

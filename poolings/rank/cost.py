@@ -46,10 +46,12 @@ from .factored import is_small
 
 METHODS = ("tspace", "pspace", "cg")
 
-# Rates of one CPU thread (AMD EPYC, MKL), fitted to the rank_length benchmark's per-method times.
+# Rates of one CPU thread (AMD EPYC), measured for the kernels the CPU path calls: the Gram
+# product by BLAS syrk (counted as 2 B T p min(T, p) flops, of which it does half; torch.bmm
+# measured 5e10 and 2.5e10) and SciPy's LAPACK potrf (torch's MKL factorisations: 1.6e9–1e10).
 _CPU = {
-    "gemm_flops": {torch.float32: 5.0e10, torch.float64: 2.5e10},
-    "cholesky_flops": (1.6e9, 3.0e9, 1.0e10),  # float64: LAPACK for n ≤ 128, ≤ 256; blocked above
+    "gemm_flops": {torch.float32: 1.5e11, torch.float64: 1.0e11},
+    "cholesky_flops": (7e9, 2.2e10, 4.0e10),  # float64, n ≤ 128, ≤ 256 and above
     "cholesky_fixed": 5.0e-6,  # seconds per matrix
     "bytes": 6e9,  # a pass over V, or over (B, n, n) buffers
     "call": 5.0e-6,  # seconds per tensor operation launched

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .common import excess, rank_targets
-from .factored import FactoredSpace
+from .factored import FactoredSpace, gram
 
 WD = torch.float64
 _BATCHED_UPDATE_BYTES = 64 * 2**20  # above this, M is updated sample by sample, in place
@@ -92,10 +92,27 @@ def combine_long(cols: Tensor, V: Tensor) -> Tensor:
     B, T, p = V.shape
     if T < LONG:
         return torch.bmm(cols.to(V.dtype), V).to(WD)
+    kernel = _compiled_combine(V)
+    if kernel is not None:  # one pass over V, no float64 chunks (measured 4.5 against 7.7 ms at 4 × 4000 × 512)
+        out = cols.new_empty(B, cols.shape[1], p)
+        kernel(cols.detach().contiguous().numpy(), V.detach().numpy(), out.numpy())
+        return out
     out = cols.new_zeros(B, cols.shape[1], p)
     for t in range(0, T, LONG):
         out.baddbmm_(cols[:, :, t : t + LONG], V[:, t : t + LONG].to(WD))
     return out
+
+
+def _compiled_combine(V: Tensor):
+    """The compiled ``combine`` of :mod:`poolings.rank._small_kernel` for a contiguous float32 CPU
+    ``V``, or ``None`` (another ``V``, or no compiled kernel: see :func:`poolings.rank.small._kernel`)."""
+    if V.device.type != "cpu" or V.dtype != torch.float32 or not V.is_contiguous() or (
+            V.requires_grad and torch.is_grad_enabled()):
+        return None
+    from . import small
+
+    mod = small._kernel() if small.COMPILED else None
+    return None if mod is None else mod.combine
 
 
 class PSpace(FactoredSpace):
@@ -106,7 +123,7 @@ class PSpace(FactoredSpace):
         self.V, self.C, self.eps = V, C, eps
         self.mask = mask
         self.y = rank_targets(mask, WD)
-        self.M = torch.bmm(V.transpose(1, 2), V).to(WD).mul_(C)  # (B, p, p): C VᵀV over all T steps
+        self.M = gram(V, outer=False).to(WD).mul_(C)  # (B, p, p): C VᵀV over all T steps
         self.M_set = torch.ones_like(mask)  # the set M belongs to (padded steps leave at the first update)
         self.norms = torch.linalg.vector_norm(V, dim=-1).to(WD)  # ‖v_t‖
         self._init_cache(B, p, WD, V.device)

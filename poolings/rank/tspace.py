@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .common import excess, rank_targets
-from .factored import FactoredSpace
+from .factored import FactoredSpace, gram
 
 WD = torch.float64
 
@@ -37,7 +37,7 @@ class TSpace(FactoredSpace):
         self.C, self.eps = C, eps
         self.mask = mask
         self.y = rank_targets(mask, WD)
-        self.K = torch.bmm(V, V.transpose(1, 2)).to(WD)  # (B, T, T): the only GEMM over V
+        self.K = gram(V, outer=True).to(WD)  # (B, T, T): the only GEMM over V
         self.norms = self.K.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()  # ‖v_t‖
         self._init_cache(B, T, WD, V.device)
 
