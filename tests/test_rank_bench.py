@@ -98,3 +98,23 @@ def test_rank_length_module_entry_point_takes_sizes(tmp_path):
     assert [(r["B"], r["T"], r["p"]) for r in data["results"]] == [(1, 9, 3)]
     with pytest.raises(ValueError, match="--only is not an option of 'rank_length'"):
         rank_length.main(["--quick", "--only", "hand", "--out", str(tmp_path / "c")])
+
+
+def test_publishing_refuses_a_stale_compiled_part(tmp_path, monkeypatch):
+    """A build older than its .pyx (a checkout that touched the source) is not used, and the
+    fallback is slower: publishing such figures is refused, naming the part; a run folder
+    records it in the environment line instead."""
+    from poolings.bench import cli, common
+
+    monkeypatch.setattr(common, "compiled_parts", lambda: {"poolings.rank._small_kernel": False,
+                                                           "argminlayers._lbfgs": True})
+    monkeypatch.setattr(cli, "is_published", lambda out: True)
+    ran = []
+    monkeypatch.setattr(rank_length, "run", lambda cfg: ran.append(cfg))
+    with pytest.raises(RuntimeError, match=r"--publish: the compiled part poolings\.rank\._small_kernel .*make env"):
+        cli.run_benchmarks(tiny(tmp_path), ("rank_length",))
+    assert not ran
+    text = common.environment_markdown({**common.environment(tiny(tmp_path)), "wall_seconds": 1})
+    assert "**compiled parts not used: poolings.rank._small_kernel** (their fallbacks ran)" in text
+    monkeypatch.setattr(common, "compiled_parts", lambda: {"poolings.rank._small_kernel": True})
+    assert "compiled parts: all built" in common.environment_markdown(common.environment(tiny(tmp_path)))

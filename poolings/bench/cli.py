@@ -56,6 +56,10 @@ def run_benchmarks(cfg, names: Sequence[str], *, overwrite: bool = False, args: 
     from poolings.runtime import check_out_dir
 
     out = check_out_dir(cfg.out)
+    if is_published(out):
+        from .common import check_compiled_for_publishing
+
+        check_compiled_for_publishing()
     if not (overwrite or is_published(out)):
         present = [f"{name}.json" for name in names if (out / f"{name}.json").exists()]
         if present:

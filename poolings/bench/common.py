@@ -519,12 +519,38 @@ def environment(cfg: BenchConfig) -> dict[str, Any]:
         "data": cfg.data,
         "seed": cfg.seed,
         "quick": cfg.quick,
+        "compiled": compiled_parts(),
     }
     try:
         env["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:  # pragma: no cover
         pass
     return env
+
+
+COMPILED_PARTS = {"poolings.rank._small_kernel": "rank pooling's small problems and long float32 passes",
+                  "argminlayers._lbfgs": "the L-BFGS two-loop recursion"}
+
+
+def compiled_parts() -> dict[str, bool]:
+    """Whether each compiled extension is built and current (a build older than its ``.pyx``, as
+    after a checkout that touched the source, is not used: its fallback runs instead)."""
+    import warnings
+
+    from argminlayers._compiled import load_compiled
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {name: load_compiled(name, "") is not None for name in COMPILED_PARTS}
+
+
+def check_compiled_for_publishing() -> None:
+    """Published figures are of the full build: refuse (naming the parts) where one is missing or stale."""
+    missing = [name for name, ok in compiled_parts().items() if not ok]
+    if missing:
+        raise RuntimeError(f"--publish: the compiled part{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                           "are not built or older than their sources, so the slower fallbacks would be measured; "
+                           "rebuild with `make env` (or `pip install -e .`), or use --out for a run of this build")
 
 
 def _blas_threads() -> int | None:
@@ -558,8 +584,17 @@ def environment_markdown(env: dict[str, Any]) -> str:
         f"{', NumPy/SciPy BLAS threads: ' + str(env['blas_threads']) if env.get('blas_threads') else ''}, "
         f"torch {env['torch']}, Python {env['python']}, dtype {env['dtype']}, data `{env['data']}` "
         f"(seed {env['seed']}), {env['date']}; wall time {env.get('wall_seconds', '?')} s{load}"
-        f"{'; rounds: ' + env['round_order'] if env.get('round_order') else ''}."
+        f"{'; rounds: ' + env['round_order'] if env.get('round_order') else ''}"
+        f"{_compiled_markdown(env.get('compiled'))}."
     )
+
+
+def _compiled_markdown(parts: dict[str, bool] | None) -> str:
+    if not parts:
+        return ""
+    missing = [name for name, ok in parts.items() if not ok]
+    return ("; compiled parts: all built" if not missing
+            else f"; **compiled parts not used: {', '.join(missing)}** (their fallbacks ran)")
 
 
 # --------------------------------------------------------------------------------- writers

@@ -178,6 +178,7 @@ def _measure(cfg: BenchConfig, B: int, T: int, p: int, costs: dict, auto: str, c
     validation and autograd bridge, and the exact backward)."""
     from poolings import RankPool
     from poolings.rank import rank_pool_solve
+    from poolings.rank.factored import gram
 
     dev, dt = cfg.torch_device, cfg.torch_dtype
     V = make_sequences(B, T, p, kind=cfg.data, seed=cfg.seed, dtype=dt, device=dev)
@@ -225,6 +226,11 @@ def _measure(cfg: BenchConfig, B: int, T: int, p: int, costs: dict, auto: str, c
         torch.bmm(V.transpose(1, 2), V) if p < T else torch.bmm(V, V.transpose(1, 2))
         sw.lap("gram")
 
+    def syrk_case(sw: Stopwatch) -> None:  # the symmetric product RankPool itself uses on the CPU
+        sw.start()
+        gram(V, outer=p >= T)
+        sw.lap("gram")
+
     for m, pool in pools.items():  # the memory run doubles as a warm-up of the big sizes
         def layer(pool=pool):
             X = V.detach().requires_grad_(True)
@@ -235,7 +241,7 @@ def _measure(cfg: BenchConfig, B: int, T: int, p: int, costs: dict, auto: str, c
             row["methods"][m]["memory"] = peak_memory(layer, dev).as_dict()
         row["methods"][m]["timed_run_warnings"] = sorted({str(w.message)[:160] for w in ws
                                                           if issubclass(w.category, ConvergenceWarning)})
-    cases = {"gram": gram_case, **{m: method_case(pool) for m, pool in pools.items()}}
+    cases = {"gram": gram_case, "syrk": syrk_case, **{m: method_case(pool) for m, pool in pools.items()}}
     if run_lib:
         cases["liblinear"] = lib_case
     if explain and auto in pools:
@@ -248,8 +254,10 @@ def _measure(cfg: BenchConfig, B: int, T: int, p: int, costs: dict, auto: str, c
 
         cases["solve"] = solve_case
     t = time_interleaved(cases, repeats=repeats, warmup=warmup, device=dev)
-    gram = t["gram"]["gram"]
-    row.update(gram=gram, repeats=repeats, warmup=warmup, gram_kind="VᵀV" if p < T else "VVᵀ")
+    # the floor is the faster of torch.bmm and BLAS syrk (one triangle: half the flops)
+    gram = min(t["gram"]["gram"], t["syrk"]["gram"], key=lambda s: s.median)
+    row.update(gram=gram, gram_bmm=t["gram"]["gram"], gram_syrk=t["syrk"]["gram"], repeats=repeats,
+               warmup=warmup, gram_kind="VᵀV" if p < T else "VVᵀ")
     if run_lib:
         row["liblinear"] = t["liblinear"]["forward"]
     if "solve" in t:
@@ -406,7 +414,8 @@ def _markdown(payload: dict, chart: str) -> str:
     parts = [
         f"Every method is forward + exact backward (`RankPool(C={s['C']:g}, eps={s['eps']:g}, method=…)`, "
         f"`backward=\"auto\"`) in {payload['environment']['dtype']}; liblinear (scikit-learn `LinearSVR`, "
-        "float64, one fit per sequence) is the forward only; \"Gram\" is the cheaper of `VᵀV` and `VVᵀ`. "
+        "float64, one fit per sequence) is the forward only; \"Gram\" is the cheaper of `VᵀV` and `VVᵀ`, "
+        "timed as the faster of `torch.bmm` and BLAS `syrk` (one triangle, as RankPool computes it on the CPU). "
         "All cases of a size run interleaved; times are medians. \"err\" is the largest relative error "
         "against liblinear of the same forward in float64, over full-length and variable-length batches. "
         "Memory is the peak of one forward + backward. A method the caps exclude shows its prediction.",
