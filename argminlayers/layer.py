@@ -482,7 +482,7 @@ class ArgminLayer(nn.Module):
             hint = _HINTS.get(code, "").format(tol=tol)
             if code in (MAX_ITER, NO_DESCENT, INFEASIBLE):
                 # a run away to a huge u (far beyond the data's scale) is an objective without a minimum
-                far = max(float(u[samples].norm(dim=-1).amax()), 0.0)
+                far = float(u[samples].norm(dim=-1).amax())
                 if far > _FAR * max(1.0, float(V.detach().abs().amax()) if V.numel() else 1.0):
                     hint = (f"u ran away to ‖u‖ = {far:.2g}: the objective may be unbounded below"
                             f"{' on the constraint set' if self.constraints is not None else ''} (no minimiser); "

@@ -333,6 +333,22 @@ def test_cholesky_in_place_is_lower_factor_and_reports_the_failing_minor(n, dtyp
     assert bool(calls) == (lapack and n >= factored._LAPACK_MIN_N)
 
 
+@pytest.mark.parametrize("lapack", [True, False], ids=["scipy-lapack", "torch"])
+def test_cholesky_of_a_non_finite_matrix_fails(lapack, monkeypatch):
+    """OpenBLAS's potrf reports success on NaN input; cholesky_ reports the first non-finite
+    pivot, as torch's factorisation reports a failure."""
+    from poolings.rank import factored
+
+    if not lapack:
+        monkeypatch.setattr(factored, "_LAPACK_MIN_N", 10**9)
+    A = torch.eye(40, dtype=F64).repeat(2, 1, 1)
+    A[1, 5, 5] = float("nan")
+    info = factored.cholesky_(A)
+    assert info[0] == 0 and info[1] > 0
+    if lapack:
+        assert info[1] == 6
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("outer", [True, False])
 def test_gram_by_syrk_equals_the_product_and_is_symmetric(dtype, outer, monkeypatch):

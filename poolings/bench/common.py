@@ -528,8 +528,7 @@ def environment(cfg: BenchConfig) -> dict[str, Any]:
     return env
 
 
-COMPILED_PARTS = {"poolings.rank._small_kernel": "rank pooling's small problems and long float32 passes",
-                  "argminlayers._lbfgs": "the L-BFGS two-loop recursion"}
+COMPILED_PARTS = ("poolings.rank._small_kernel", "argminlayers._lbfgs")
 
 
 def compiled_parts() -> dict[str, bool]:

@@ -51,6 +51,7 @@ METHODS = ("tspace", "pspace", "cg")
 # measured 5e10 and 2.5e10) and SciPy's LAPACK potrf (torch's MKL factorisations: 1.6e9–1e10).
 _CPU = {
     "gemm_flops": {torch.float32: 1.5e11, torch.float64: 1.0e11},
+    "sketch_flops": {torch.float32: 5.0e10, torch.float64: 2.5e10},  # torch.bmm: CG's Nyström sketch
     "cholesky_flops": (7e9, 2.2e10, 4.0e10),  # float64, n ≤ 128, ≤ 256 and above
     "cholesky_fixed": 5.0e-6,  # seconds per matrix
     "bytes": 6e9,  # a pass over V, or over (B, n, n) buffers
@@ -59,6 +60,7 @@ _CPU = {
 # CUDA: not measured here (no GPU was available); nominal figures of a data-centre GPU.
 _CUDA = {
     "gemm_flops": {torch.float32: 3.0e13, torch.float64: 1.0e13},
+    "sketch_flops": {torch.float32: 3.0e13, torch.float64: 1.0e13},
     "cholesky_flops": (2.0e11, 2.0e11, 2.0e11),
     "cholesky_fixed": 2.0e-5,
     "bytes": 1.5e12,
@@ -91,6 +93,7 @@ def method_costs(B: int, T: int, p: int, dtype: torch.dtype = torch.float32,
     rates = _CUDA if torch.device(device).type == "cuda" else _CPU
     item = torch.finfo(dtype).bits // 8
     gemm = rates["gemm_flops"].get(dtype, rates["gemm_flops"][torch.float32])
+    sketch = rates["sketch_flops"].get(dtype, rates["sketch_flops"][torch.float32])
     bw, call = rates["bytes"], rates["call"]
     one_pass = B * T * p * item / bw
     rounds = ITERS + 1
@@ -109,7 +112,7 @@ def method_costs(B: int, T: int, p: int, dtype: torch.dtype = torch.float32,
     k = min(64, p, T)
     grow = max(float(load), 1.0)
     cg_forward, cg_backward = CG * grow**CG_GROWTH, CG_BACKWARD * grow**CG_BACKWARD_GROWTH
-    cg = (4 * B * T * p * k / gemm + (NEWTON * (3 + 2 * cg_forward) + 2 * cg_backward) * one_pass
+    cg = (4 * B * T * p * k / sketch + (NEWTON * (3 + 2 * cg_forward) + 2 * cg_backward) * one_pass
           + (NEWTON * (CG_CALLS[0] + CG_CALLS[1] * cg_forward) + CG_CALLS[1] * cg_backward + CG_CALLS[2]
              + CALLS["layer"]) * call)
     nbytes = {

@@ -114,7 +114,10 @@ def _potrf_(A: Tensor) -> Tensor:
             x[...] = c
         if bad < 0:  # pragma: no cover (the arguments are valid by construction)
             raise RuntimeError(f"LAPACK potrf: illegal argument {-bad}")
-        info[i] = bad
+        # OpenBLAS reports success on NaN input (torch's LAPACK does not): a factor that is not
+        # finite is a failure, at its first non-finite pivot
+        pivots = np.isfinite(x.diagonal())
+        info[i] = bad if bad or pivots.all() else int(np.argmin(pivots)) + 1
     return info
 
 

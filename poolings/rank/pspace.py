@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .common import excess, rank_targets
-from .factored import FactoredSpace, gram
+from .factored import FactoredSpace, _numpy_ok, gram
 
 WD = torch.float64
 _BATCHED_UPDATE_BYTES = 64 * 2**20  # above this, M is updated sample by sample, in place
@@ -106,8 +106,7 @@ def combine_long(cols: Tensor, V: Tensor) -> Tensor:
 def _compiled_combine(V: Tensor):
     """The compiled ``combine`` of :mod:`poolings.rank._small_kernel` for a contiguous float32 CPU
     ``V``, or ``None`` (another ``V``, or no compiled kernel: see :func:`poolings.rank.small._kernel`)."""
-    if V.device.type != "cpu" or V.dtype != torch.float32 or not V.is_contiguous() or (
-            V.requires_grad and torch.is_grad_enabled()):
+    if V.dtype != torch.float32 or not V.is_contiguous() or not _numpy_ok(V):
         return None
     from . import small
 
