@@ -9,6 +9,7 @@ level ``20 + 10 v``, so a model that records what it is fed can tell which video
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from poolings.video.data import (
+    CacheWriteWarning,
     FeatureDataset,
     UnreadableItemError,
     UnreadableVideoWarning,
@@ -350,13 +352,30 @@ def test_a_failed_cache_write_is_not_blamed_on_the_video(bad_folder, tmp_path, m
     cache_warnings = [w for w in record if "--cache" in str(w.message)]
     assert len(cache_warnings) == 1 and "No space left on device" in str(cache_warnings[0].message)
 
+    # DataLoader workers: one warning in the main process for the whole run, not one per worker and epoch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableVideoWarning)
+        ds = VideoFolder(bad_folder, frame_size=16, num_frames=4, cache=tmp_path / "cache2")
+    ds.cache.root = tmp_path / "cache2" / "removed"              # every write now fails, in any process
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for epoch in range(2):
+            seen = set()
+            for frames, lengths, _ in make_loader(ds, batch_size=2, shuffle=False, num_workers=2):
+                seen |= {signature(f[:n]) for f, n in zip(frames, lengths)}
+            assert seen == GOOD
+    cache_warnings = [w for w in record if issubclass(w.category, CacheWriteWarning)]
+    assert len(cache_warnings) == 1 and "removed" in str(cache_warnings[0].message)
+
     # a cache folder that cannot be used at all stops the command at once, naming --cache
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"an earlier run")
     rc = main(["train", "--data", "folder", str(bad_folder), "--cache", str(tmp_path / "a_file" / "sub"),
-               "--frame-size", "16", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
+               "--frame-size", "16", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet", "--overwrite"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--cache" in err and "a_file" in err
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == b"an earlier run"   # not cleared
 
 
 def test_no_readable_training_item_names_the_files(tmp_path):
@@ -386,6 +405,12 @@ def test_an_unreadable_test_split_is_refused_before_training(tmp_path):
     text = str(info.value)
     assert "test split" in text and "zero0.avi" in text and "zero1.avi" in text and "no decodable" in text
     assert not (tmp_path / "run" / "checkpoint.pt").exists()              # refused before training
+    good = _split_folder(tmp_path / "good")
+    train(_config(good, tmp_path / "old", 0, epochs=1))
+    before = (tmp_path / "old" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="test split"):                   # --overwrite of an earlier run
+        train(_config(root, tmp_path / "old", 0, epochs=1, overwrite=True))
+    assert (tmp_path / "old" / "checkpoint.pt").read_bytes() == before    # is not cleared by a refused one
 
     # a test split that turns unreadable after the check: the trained epoch is saved all the same
     class Fading(torch.utils.data.Dataset):
@@ -411,8 +436,61 @@ def test_an_unreadable_test_split_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError) as info:
         train(cfg, datasets=(Steady(), Fading()))
     text = str(info.value)
-    assert "gone0.avi (vanished)" in text and "checkpoint.pt" in text
-    assert torch.load(tmp_path / "run2" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert "gone0.avi (vanished)" in text and "checkpoint.pt" in text and "--resume" in text
+    saved = torch.load(tmp_path / "run2" / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == 1 and saved["unreadable_items"]["test"] == {}   # the files are read again
+
+    # once the files are back, --resume evaluates the saved epoch first, then goes on
+    result = train(dataclasses.replace(cfg, resume=True), datasets=(Steady(), Steady()))
+    assert [e["epoch"] for e in result.history] == [1, 2]
+    assert all("test_accuracy" in e and e["test_items"] == 2 and "evaluation_pending" not in e
+               for e in result.history)
+
+    # an item excluded in an earlier epoch is counted in the message too
+    gone: set = set()        # item 0 vanishes once training starts, item 1 after the first epoch
+
+    class Starting(Steady):
+        def __getitem__(self, i):
+            gone.add(0)
+            return super().__getitem__(i)
+
+    class Dwindling(Steady):
+        def __getitem__(self, i):
+            if i in gone:
+                raise UnreadableItemError(f"gone{i}.avi", "vanished")
+            return super().__getitem__(i)
+
+    with pytest.raises(ValueError) as info:
+        train(_config(root, tmp_path / "run4", 0, epochs=2), datasets=(Starting(), Dwindling()),
+              on_epoch_end=lambda epoch, entry: gone.add(1))
+    assert "none of the 2 items of the test split" in str(info.value)
+    assert "gone1.avi (vanished); and 1 found unreadable in earlier epochs" in str(info.value)
+    assert torch.load(tmp_path / "run4" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+
+    # stopped at the last epoch: --resume only evaluates it; the curves and the final figures are drawn
+    cfg = _config(root, tmp_path / "run3", 0, epochs=1, plot=True)
+    with pytest.raises(ValueError, match="vanished"):
+        train(cfg, datasets=(Steady(), Fading()))
+    result = train(dataclasses.replace(cfg, resume=True), datasets=(Steady(), Steady()))
+    assert len(result.history) == 1 and set(result.final) >= {"loss", "accuracy", "items"}
+    assert (tmp_path / "run3" / "curves.png").is_file()
+    metrics = json.loads((tmp_path / "run3" / "metrics.json").read_text())
+    assert metrics["final"]["items"] == 2
+
+
+def test_the_message_counts_files_left_out_at_scan_time():
+    from poolings.video.train import _none_readable
+
+    class Scanned(list):
+        root, left_out = "/videos/test", {"x.avi": "not a video"}
+
+    text = _none_readable(Scanned([0, 1]), "test", [("a.avi", "cut"), ("b.avi", "cut")])
+    assert text.startswith("none of the 2 items of the test split (under /videos/test) can be read: a.avi (cut)")
+    assert "1 more file was left out when the folder was scanned" in text
+    Scanned.left_out = {"x.avi": "not a video", "y.avi": "empty"}
+    text = _none_readable(torch.utils.data.Subset(Scanned([0, 1, 2]), [2]), "test", [("a", "r")])   # a split
+    assert text.startswith("none of the 1 items of the test split (under /videos/test)")
+    assert "2 more files were left out" in text
 
 
 def test_the_summary_reports_the_frames_the_model_sees(bad_folder):

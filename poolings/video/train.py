@@ -28,7 +28,9 @@ data set is built are listed in the start-of-run summary; one found at its first
 from its batch, reported once, and excluded from every later epoch (also when found in a
 ``DataLoader`` worker, and by every process under DDP). ``metrics.json`` lists them all, each
 once. A training or test split with no readable item stops the run before the first epoch, naming
-the files; a test split that turns unreadable later stops it after the epoch's checkpoint is saved.
+the files; a test split that turns unreadable later stops every process after the epoch's
+checkpoint is saved, and ``resume`` evaluates that epoch first (the files are read again, not
+excluded). ``overwrite`` clears the earlier run only once the data and the model are checked.
 
 Solver non-convergence of the pooling (``argminlayers.ConvergenceWarning``) is collected per
 epoch, not printed per batch: the epoch's line says how many samples did not converge and the
@@ -373,7 +375,7 @@ def item_shape(dataset, split: str = "training") -> tuple[int, ...]:
     raise ValueError(f"data: {_none_readable(dataset, split, [(e.path, e.reason) for e in errors])}")
 
 
-def _none_readable(dataset, split: str, bad: list[tuple[str, str]], count: int | None = None) -> str:
+def _none_readable(dataset, split: str, bad: list[tuple[str, str]], earlier: int = 0) -> str:
     """``"none of the N items of the test split (under ROOT) can be read: a.avi (reason); ..."``."""
     base = getattr(dataset, "dataset", dataset)
     while hasattr(base, "dataset") and not hasattr(base, "root"):
@@ -384,12 +386,12 @@ def _none_readable(dataset, split: str, bad: list[tuple[str, str]], count: int |
         return f"the {split} split{where} holds no item"
     listed = "; ".join(f"{p} ({r})" for p, r in bad[:5])
     more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    before = f"; and {earlier} found unreadable in earlier epochs" if earlier else ""
     scanned = len(getattr(base, "left_out", {}) or {})
-    also = f"; {scanned} more file{'s' if scanned != 1 else ''} were left out when the folder was scanned" \
-        if scanned else ""
-    count = len(dataset) if count is None else count
-    return (f"none of the {count} items of the {split} split{where} can be read: {listed}{more}{also}; "
-            "fix or remove these files")
+    also = (f"; {scanned} more file{'s were' if scanned != 1 else ' was'} left out when the folder was scanned"
+            if scanned else "")
+    return (f"none of the {len(dataset)} items of the {split} split{where} can be read: {listed}{more}{before}"
+            f"{also}; fix or remove these files")
 
 
 def _num_classes(dataset) -> int:
@@ -570,7 +572,8 @@ def predict(model: nn.Module, loader, *, device: torch.device | str = "cpu", amp
         if view is None or not skipped:
             raise NothingToEvaluate(f"evaluate: no readable item in the {split} split to evaluate")
         dataset = getattr(view, "dataset", view)             # the data set under make_loader's view
-        raise NothingToEvaluate(f"evaluate: {_none_readable(dataset, split, skipped, count=len(view))}")
+        earlier = len(dataset) - len(view)                    # excluded before this pass
+        raise NothingToEvaluate(f"evaluate: {_none_readable(dataset, split, skipped, earlier)}")
     return torch.cat(scores), torch.cat(labels_all)
 
 
@@ -640,6 +643,11 @@ class ConvergenceLog:
         values = [float(v.strip(" '\"")) for v in n.group(1).split(",") if v.strip(" '\"")] if n else []
         if values:
             self.worst = max(values + ([self.worst] if self.worst is not None else []))
+
+    def restore(self, entry: dict) -> None:
+        """Continue the counts of a history ``entry`` (an epoch evaluated again on resume)."""
+        self.solves, self.samples = entry.get("nonconverged_solves", 0), entry.get("nonconverged_samples", 0)
+        self.at_least, self.worst = entry.get("nonconverged_samples_lower_bound", False), entry.get("worst_grad_norm")
 
     def entry(self) -> dict:
         return {"nonconverged_solves": self.solves, "nonconverged_samples": self.samples,
@@ -759,12 +767,6 @@ def train(
         if cfg.resume and ckpt_path.exists():
             ckpt = load_checkpoint(ckpt_path, hint="remove it, or pass --overwrite instead of --resume to start afresh")
         schedule_epochs = _check_resumable(ckpt, cfg) if ckpt is not None else cfg.epochs
-        if distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-        if rank == 0:
-            prepare_run_folder(out, RUN_OUTPUTS, resume=cfg.resume, overwrite=cfg.overwrite)
         show = not cfg.quiet and rank == 0
 
         torch.manual_seed(cfg.seed)
@@ -825,6 +827,13 @@ def train(
         elif cfg.resume and show:
             print(f"resume: no checkpoint at {ckpt_path}; starting from scratch", file=sys.stderr)
 
+        # every check is done: only now does --overwrite clear the earlier run
+        if distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if rank == 0:
+            prepare_run_folder(out, RUN_OUTPUTS, resume=cfg.resume, overwrite=cfg.overwrite)
         net: nn.Module = model
         if distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -835,7 +844,70 @@ def train(
         board = _tensorboard(out, cfg) if rank == 0 else None
         start_epoch = len(history)
 
+        def finish_epoch(entry: dict, epoch: int, new: list) -> str | None:
+            """Rank 0: evaluate a trained epoch, save it and report it; returns why the run must stop."""
+            nonlocal best
+            test_loader = eval_loader(test_set, max(cfg.batch_size, 8), cfg.num_workers, exclude=bad["test"])
+            stop = None
+            try:
+                with conv:
+                    metrics = evaluate(model, test_loader, loss=cfg.loss, device=device, amp=cfg.amp, split="test")
+            except NothingToEvaluate as exc:   # save the trained epoch first, then stop
+                # the items unreadable now are not excluded for good: --resume reads them again
+                metrics, entry["evaluation_pending"] = {}, True
+                stop = (f"{exc}; epoch {epoch + 1} is trained and saved in {ckpt_path}: rerun with --resume once "
+                        "the files are fixed (it evaluates that epoch first)")
+            else:
+                entry.pop("evaluation_pending", None)
+                new += _note_skipped(bad, [tuple(s) for s in test_loader.skipped], "test", epoch)
+            entry.update({f"test_{k}": v for k, v in metrics.items()})
+            entry.update(conv.entry())
+            entry["unreadable_found"] = len(new)
+            key = _primary_metric(entry)
+            if key is not None and (best is None or entry[key] > best["value"]):
+                best = {"epoch": entry["epoch"], "metric": key, "value": entry[key]}
+                _atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "best": best,
+                              "config": dataclasses.asdict(cfg)}, out / "best.pt")
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                          "rng": _rng_state(), "epoch": epoch + 1, "history": history,
+                          "schedule_epochs": schedule_epochs, "unreadable_items": bad, "best": best,
+                          "config": dataclasses.asdict(cfg)}, ckpt_path)
+            _write_metrics(out, cfg, history, data_info, bad, best)
+            _write_csv(out / "log.csv", history)
+            if board is not None:
+                _board_epoch(board, entry)
+            if show:
+                print(_format_entry(entry, cfg.epochs), file=sys.stderr, flush=True)
+                if new:
+                    listed = "; ".join(f"{r['path']} ({r['reason']})" for r in new)
+                    print(f"epoch {epoch + 1}: {len(new)} unreadable file{'s' if len(new) != 1 else ''} "
+                          f"left out from now on: {listed}", file=sys.stderr, flush=True)
+                if entry["nonconverged_solves"]:
+                    print(_convergence_line(entry, model), file=sys.stderr, flush=True)
+            return stop
+
+        def settle(stop: str | None, epoch: int) -> None:
+            """Every process stops when rank 0 must: none is left waiting on the others."""
+            if distributed:
+                import torch.distributed as dist
+
+                flag = torch.tensor([0.0 if stop is None else 1.0], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item() > 0 and stop is None:
+                    stop = (f"the test split of epoch {epoch + 1} could not be evaluated (rank 0 reports which "
+                            f"files); the epoch is saved in {ckpt_path}: rerun with --resume once they are fixed")
+            if stop is not None:
+                raise ValueError(stop)
+
         try:
+            if history and history[-1].get("evaluation_pending"):   # the last run stopped before evaluating its epoch
+                stop = None
+                if rank == 0:
+                    conv.restore(history[-1])
+                    with torch.random.fork_rng(devices=[]):   # evaluating must not move the saved training stream
+                        stop = finish_epoch(history[-1], len(history) - 1, [])
+                settle(stop, len(history) - 1)
             for epoch in range(start_epoch, cfg.epochs):
                 train_loader = _train_loader(train_set, cfg, epoch, distributed, exclude=bad["train"])
                 conv.reset()
@@ -845,51 +917,8 @@ def train(
                 entry["lr"] = optimizer.param_groups[0]["lr"]
                 if epoch + 1 < schedule_epochs:    # after the schedule's last epoch the rate stays at lr_final
                     scheduler.step()
-                if rank == 0:
-                    test_loader = eval_loader(test_set, max(cfg.batch_size, 8), cfg.num_workers, exclude=bad["test"])
-                    eval_error = None
-                    try:
-                        with conv:
-                            metrics = evaluate(model, test_loader, loss=cfg.loss, device=device, amp=cfg.amp,
-                                               split="test")
-                    except NothingToEvaluate as exc:   # save the trained epoch first, then stop
-                        metrics, eval_error = {}, exc
-                    new += _note_skipped(bad, [tuple(s) for s in test_loader.skipped], "test", epoch)
-                    entry.update({f"test_{k}": v for k, v in metrics.items()})
-                    entry.update(conv.entry())
-                    entry["unreadable_found"] = len(new)
-                    history.append(entry)
-                    key = _primary_metric(entry)
-                    if key is not None and (best is None or entry[key] > best["value"]):
-                        best = {"epoch": entry["epoch"], "metric": key, "value": entry[key]}
-                        _atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "best": best,
-                                      "config": dataclasses.asdict(cfg)}, out / "best.pt")
-                    _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                  "rng": _rng_state(), "epoch": epoch + 1, "history": history,
-                                  "schedule_epochs": schedule_epochs, "unreadable_items": bad, "best": best,
-                                  "config": dataclasses.asdict(cfg)}, ckpt_path)
-                    _write_metrics(out, cfg, history, data_info, bad, best)
-                    _write_csv(out / "log.csv", history)
-                    if board is not None:
-                        _board_epoch(board, entry)
-                    if show:
-                        print(_format_entry(entry, cfg.epochs), file=sys.stderr, flush=True)
-                        if new:
-                            listed = "; ".join(f"{r['path']} ({r['reason']})" for r in new)
-                            print(f"epoch {epoch + 1}: {len(new)} unreadable file{'s' if len(new) != 1 else ''} "
-                                  f"left out from now on: {listed}", file=sys.stderr, flush=True)
-                        if entry["nonconverged_solves"]:
-                            print(_convergence_line(entry, model), file=sys.stderr, flush=True)
-                    if eval_error is not None:
-                        raise ValueError(f"{eval_error}; epoch {epoch + 1} is trained and saved in {ckpt_path}: "
-                                         "rerun with --resume once the files are fixed") from eval_error
-                else:
-                    history.append(entry)
-                if distributed:
-                    import torch.distributed as dist
-
-                    dist.barrier()
+                history.append(entry)
+                settle(finish_epoch(entry, epoch, new) if rank == 0 else None, epoch)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, entry)
         except KeyboardInterrupt as exc:
@@ -1041,15 +1070,16 @@ def plot_history(history: list[dict], path: Path, *, title: str = "") -> None:
 
     epochs = [e["epoch"] for e in history]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    nan = float("nan")                  # an epoch without a value (not evaluated) leaves a gap
     for key in ("train_loss", "test_loss"):
-        if key in history[0]:
-            axes[0].plot(epochs, [e[key] for e in history], marker="o", label=key.replace("_", " "))
+        if any(key in e for e in history):
+            axes[0].plot(epochs, [e.get(key, nan) for e in history], marker="o", label=key.replace("_", " "))
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("loss")
     axes[0].legend()
-    shown = [k for k in ("train_accuracy", "test_accuracy", "test_map") if k in history[0]]
+    shown = [k for k in ("train_accuracy", "test_accuracy", "test_map") if any(k in e for e in history)]
     for key in shown:
-        axes[1].plot(epochs, [e[key] for e in history], marker="o", label=key.replace("_", " "))
+        axes[1].plot(epochs, [e.get(key, nan) for e in history], marker="o", label=key.replace("_", " "))
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel(" / ".join(dict.fromkeys("mAP" if k.endswith("map") else "accuracy" for k in shown)))
     axes[1].set_ylim(0, 1.02)

@@ -17,7 +17,7 @@ the indices found so far as ``exclude=`` when it builds the next epoch's loader.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -111,11 +111,26 @@ def pad_packed(packed: Tensor, lengths: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+class _Noted(NamedTuple):
+    """An item (or :class:`Skipped`) with the cache-write failures its read left in a worker."""
+
+    item: Any
+    cache_failures: list
+
+
+def _cache_owner(dataset: Dataset):
+    """The data set under ``dataset`` (through ``Subset``-like ``.dataset``) that reports cache failures."""
+    while dataset is not None and not hasattr(dataset, "take_cache_failures"):
+        dataset = getattr(dataset, "dataset", None)
+    return dataset
+
+
 class _Reading(Dataset):
     """``dataset`` restricted to ``indices``; an unreadable item becomes a :class:`Skipped` record."""
 
     def __init__(self, dataset: Dataset, indices: list[int]):
         self.dataset, self.indices = dataset, indices
+        self._owner = _cache_owner(dataset)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -123,16 +138,20 @@ class _Reading(Dataset):
     def __getitem__(self, j: int):
         i = self.indices[j]
         try:
-            return self.dataset[i]
+            item = self.dataset[i]
         except UnreadableItemError as err:
-            return Skipped(i, err.path, err.reason)
+            item = Skipped(i, err.path, err.reason)
+        failures = self._owner.take_cache_failures() if self._owner is not None else []
+        return _Noted(item, failures) if failures else item
 
 
-def _collate_reading(batch: Sequence[Any]) -> tuple[tuple[Tensor, Tensor, Tensor] | None, tuple[Skipped, ...]]:
-    """``(collate_videos(readable items) or None, skipped records)``; runs in the worker process."""
+def _collate_reading(batch: Sequence[Any]) -> tuple[tuple[Tensor, Tensor, Tensor] | None, tuple[Skipped, ...], list]:
+    """``(collate_videos(readable items) or None, skipped records, cache failures)``; runs in the worker."""
+    failures = [f for b in batch if isinstance(b, _Noted) for f in b.cache_failures]
+    batch = [b.item if isinstance(b, _Noted) else b for b in batch]
     skipped = tuple(b for b in batch if isinstance(b, Skipped))
     items = [b for b in batch if not isinstance(b, Skipped)]
-    return (collate_videos(items) if items else None), skipped
+    return (collate_videos(items) if items else None), skipped, failures
 
 
 class VideoLoader(DataLoader):
@@ -150,8 +169,12 @@ class VideoLoader(DataLoader):
         self.yield_empty = yield_empty
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor] | None]:
-        for batch, skipped in super().__iter__():
+        for batch, skipped, cache_failures in super().__iter__():
             self.skipped.extend(Skipped(*s) for s in skipped)
+            if cache_failures:                  # failed in a worker: warn here, once per cache folder
+                from .folder import warn_cache_write
+
+                warn_cache_write(*cache_failures[0], stacklevel=3)
             if batch is not None or self.yield_empty:
                 yield batch
 

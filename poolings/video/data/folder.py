@@ -12,7 +12,8 @@ Unreadable files are left out, never replaced by another video:
 With ``cache=DIR`` the decoded frames (uint8, at the chosen frame size, every frame) are kept in
 ``DIR``, so that only the first read of a video decodes it. A folder that cannot be written is
 refused at construction; a write that fails later (a full disk) is not a fault of the video: it
-warns once (:class:`CacheWriteWarning`) and the item is read on without its cache entry.
+warns once per run (:class:`CacheWriteWarning`; a failure in a ``DataLoader`` worker travels back
+with its batch) and the item is read on without its cache entry.
 """
 
 from __future__ import annotations
@@ -40,6 +41,23 @@ class UnreadableVideoWarning(UnreadableFileWarning):
 
 class CacheWriteWarning(UserWarning):
     """Decoded frames could not be written to the frame cache; the videos are read on without it."""
+
+
+_CACHE_WARNED: set[str] = set()   # cache folders warned about in this process
+
+
+def warn_cache_write(root: str, path: str, reason: str, stacklevel: int = 2) -> None:
+    """Warn once per process and cache folder that decoded frames could not be written there."""
+    if root in _CACHE_WARNED:
+        return
+    _CACHE_WARNED.add(root)
+    warnings.warn(
+        f"cache: could not write the decoded frames of {path} to {root} ({reason}); reading on without caching "
+        "the items whose entries cannot be written (they are decoded at every read): free space in --cache, "
+        "or leave --cache out",
+        CacheWriteWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def _import_av():
@@ -252,7 +270,7 @@ class VideoFolder(Dataset):
         self.root, self.num_frames, self.frame_size = root, num_frames, frame_size
         self.sample, self.transform = sample, transform
         self.cache = None if cache is None else FrameCache(cache)
-        self._cache_warned = False
+        self._cache_failures: list[tuple[str, str, str]] = []
         self.classes: list[str] = sorted(
             d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
         )
@@ -348,19 +366,25 @@ class VideoFolder(Dataset):
         return _as_float(rgb[self._sample(rgb.shape[0]).numpy()])
 
     def _store(self, path: str, rgb: np.ndarray, kept: str) -> None:
-        """Write a cache entry; a failed write (a full disk) is the cache's problem, not the video's."""
+        """Write a cache entry; a failed write (a full disk) is the cache's problem, not the video's.
+
+        In the main process it warns (once per cache folder). In a ``DataLoader`` worker the failure
+        is kept for :meth:`take_cache_failures`, so that the loader warns once in the main process
+        rather than every worker of every epoch.
+        """
         try:
             self.cache.store(path, self.frame_size, rgb, kept)
         except OSError as err:
-            if not self._cache_warned:
-                self._cache_warned = True
-                warnings.warn(
-                    f"cache: could not write the decoded frames of {path} to {self.cache.root} ({error_text(err)}); "
-                    "reading on without caching the items whose entries cannot be written (they are decoded at "
-                    "every read): free space in --cache, or leave --cache out",
-                    CacheWriteWarning,
-                    stacklevel=4,
-                )
+            failure = (str(self.cache.root), path, error_text(err))
+            if torch.utils.data.get_worker_info() is None:
+                warn_cache_write(*failure, stacklevel=4)
+            elif not self._cache_failures:
+                self._cache_failures.append(failure)
+
+    def take_cache_failures(self) -> list[tuple[str, str, str]]:
+        """The failed cache writes ``(cache folder, video, reason)`` kept in this worker since the last call."""
+        failures, self._cache_failures = self._cache_failures, []
+        return failures
 
     def _sample(self, n: int) -> Tensor:
         return sample_frame_indices(n, self.num_frames, self.sample)
