@@ -41,12 +41,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def set_threads(n: int | None) -> None:
-    """``torch.set_num_threads(n)``; ``None`` keeps the current setting."""
+    """``torch.set_num_threads(n)``, and the same limit on the BLAS libraries threadpoolctl finds
+    (SciPy's OpenBLAS, which rank pooling's CPU factorisations use); ``None`` keeps the settings."""
     if n is None:
         return
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"threads: must be an int >= 1, got {n!r}")
     torch.set_num_threads(n)
+    import scipy.linalg  # noqa: F401  (loads the BLAS that threadpoolctl then limits)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n, user_api="blas")
 
 
 def check_out_dir(out: str | os.PathLike, what: str = "out") -> Path:

@@ -424,3 +424,31 @@ def test_min_len_has_one_limit_named_by_its_argument():
         MovingDigits("train", num_videos=2, num_classes=2, min_len=1, max_len=1)
     TrainConfig(min_len=2, max_len=2).validate()
     assert len(MovingDigits("train", num_videos=2, num_classes=2, min_len=2, max_len=2)[0][0]) == 2
+
+
+def test_threads_limits_torch_and_scipys_blas():
+    import scipy.linalg  # noqa: F401
+    from threadpoolctl import threadpool_info
+
+    from poolings.runtime import set_threads
+
+    before = torch.get_num_threads()
+    blas_before = {p["filepath"]: p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=2, user_api="blas")
+        if not any(p["num_threads"] == 2 for p in threadpool_info() if p["user_api"] == "blas"):
+            pytest.skip("no BLAS here takes two threads")
+        set_threads(1)
+        blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
+        assert torch.get_num_threads() == 1 and blas and all(p["num_threads"] == 1 for p in blas)
+        with pytest.raises(ValueError, match="threads"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)
+        from threadpoolctl import ThreadpoolController
+
+        for lib in ThreadpoolController().lib_controllers:
+            if lib.filepath in blas_before:
+                lib.set_num_threads(blas_before[lib.filepath])
