@@ -468,11 +468,18 @@ def test_an_unreadable_test_split_is_refused_before_training(tmp_path):
     assert torch.load(tmp_path / "run4" / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
     # stopped at the last epoch: --resume only evaluates it; the curves and the final figures are drawn
+    class OneBad(Steady):
+        def __getitem__(self, i):
+            if i == 1:
+                raise UnreadableItemError("bad1.avi", "cut")
+            return super().__getitem__(i)
+
     cfg = _config(root, tmp_path / "run3", 0, epochs=1, plot=True)
     with pytest.raises(ValueError, match="vanished"):
-        train(cfg, datasets=(Steady(), Fading()))
-    result = train(dataclasses.replace(cfg, resume=True), datasets=(Steady(), Steady()))
+        train(cfg, datasets=(OneBad(), Fading()))
+    result = train(dataclasses.replace(cfg, resume=True), datasets=(OneBad(), Steady()))
     assert len(result.history) == 1 and set(result.final) >= {"loss", "accuracy", "items"}
+    assert result.history[0]["unreadable_found"] == 1 and [r["path"] for r in result.unreadable] == ["bad1.avi"]
     assert (tmp_path / "run3" / "curves.png").is_file()
     metrics = json.loads((tmp_path / "run3" / "metrics.json").read_text())
     assert metrics["final"]["items"] == 2

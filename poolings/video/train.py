@@ -862,7 +862,7 @@ def train(
                 new += _note_skipped(bad, [tuple(s) for s in test_loader.skipped], "test", epoch)
             entry.update({f"test_{k}": v for k, v in metrics.items()})
             entry.update(conv.entry())
-            entry["unreadable_found"] = len(new)
+            entry["unreadable_found"] = entry.get("unreadable_found", 0) + len(new)   # + training's, on resume
             key = _primary_metric(entry)
             if key is not None and (best is None or entry[key] > best["value"]):
                 best = {"epoch": entry["epoch"], "metric": key, "value": entry[key]}
