@@ -101,9 +101,14 @@ def _decoded_frames(path: str | os.PathLike) -> list:
 
 
 def _rgb(decoded: list, keep: Sequence[int], frame_size: tuple[int, int] | None) -> np.ndarray:
-    """uint8 ``(T, H, W, 3)``: frames ``keep`` converted to RGB and resized by FFmpeg's scaler."""
+    """uint8 ``(T, H, W, 3)``: frames ``keep`` converted to RGB and resized by FFmpeg's scaler.
+
+    The scaler runs on one thread: its own slice threads (``threads=0``, FFmpeg's default) once
+    left a ``DataLoader`` worker waiting for ever in ``avpriv_slicethread_free``, and the workers
+    are the parallelism here anyway.
+    """
     size = {} if frame_size is None else {"height": frame_size[0], "width": frame_size[1]}
-    return np.stack([decoded[i].to_ndarray(format="rgb24", **size) for i in keep])
+    return np.stack([decoded[i].to_ndarray(format="rgb24", threads=1, **size) for i in keep])
 
 
 def _as_float(rgb: np.ndarray) -> Tensor:
