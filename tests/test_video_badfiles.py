@@ -496,7 +496,7 @@ def test_the_message_counts_files_left_out_at_scan_time():
     assert "1 more file was left out when the folder was scanned" in text
     Scanned.left_out = {"x.avi": "not a video", "y.avi": "empty"}
     text = _none_readable(torch.utils.data.Subset(Scanned([0, 1, 2]), [2]), "test", [("a", "r")])   # a split
-    assert text.startswith("none of the 1 items of the test split (under /videos/test)")
+    assert text.startswith("the only item of the test split (under /videos/test) cannot be read: a (r)")
     assert "2 more files were left out" in text
 
 

@@ -376,7 +376,8 @@ def item_shape(dataset, split: str = "training") -> tuple[int, ...]:
 
 
 def _none_readable(dataset, split: str, bad: list[tuple[str, str]], earlier: int = 0) -> str:
-    """``"none of the N items of the test split (under ROOT) can be read: a.avi (reason); ..."``."""
+    """``"none of the N items of the test split (under ROOT) can be read: a.avi (reason); ..."``
+    (``"the only item ... cannot be read"`` for a split of one)."""
     base = getattr(dataset, "dataset", dataset)
     while hasattr(base, "dataset") and not hasattr(base, "root"):
         base = base.dataset
@@ -390,8 +391,9 @@ def _none_readable(dataset, split: str, bad: list[tuple[str, str]], earlier: int
     scanned = len(getattr(base, "left_out", {}) or {})
     also = (f"; {scanned} more file{'s were' if scanned != 1 else ' was'} left out when the folder was scanned"
             if scanned else "")
-    return (f"none of the {len(dataset)} items of the {split} split{where} can be read: {listed}{more}{before}"
-            f"{also}; fix or remove these files")
+    which, verb = (f"none of the {len(dataset)} items", "can") if len(dataset) != 1 else ("the only item", "cannot")
+    return (f"{which} of the {split} split{where} {verb} be read: {listed}{more}{before}{also}; "
+            "fix or remove these files")
 
 
 def _num_classes(dataset) -> int:
