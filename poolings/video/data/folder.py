@@ -12,8 +12,9 @@ Unreadable files are left out, never replaced by another video:
 With ``cache=DIR`` the decoded frames (uint8, at the chosen frame size, every frame) are kept in
 ``DIR``, so that only the first read of a video decodes it. A folder that cannot be written is
 refused at construction; a write that fails later (a full disk) is not a fault of the video: it
-warns once per run (:class:`CacheWriteWarning`; a failure in a ``DataLoader`` worker travels back
-with its batch) and the item is read on without its cache entry.
+warns once per process and cache folder (:class:`CacheWriteWarning`; a failure in a ``DataLoader``
+worker travels back with its batch and is reported by the main process) and the item is read on
+without its cache entry.
 """
 
 from __future__ import annotations
