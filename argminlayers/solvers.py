@@ -112,12 +112,24 @@ class Solver:
         done = ~finite
         iters = torch.zeros(U.shape[0], dtype=torch.long, device=U.device)
         hessian = None
+        # a gradient-only direction's curvature check costs Hessian products over the whole batch,
+        # however few samples it checks: a sample whose gradient is small waits, frozen ("held"),
+        # until no other is still descending, and one run checks them all (at 256 × 20 × 16, five
+        # runs a call became one or two). One that fails takes a step before it is held again.
+        held = torch.zeros_like(done)
+        retry = torch.zeros_like(done)
         for it in range(self.max_iter + 1):
             live = ~done
             d, pd = direction(lin, U, gnorm, live)
             if keep_hessian:
                 hessian = getattr(lin, "factored", None)
             small_g = live & (gnorm <= tol * scale)
+            if pd is None:
+                held = small_g & ~retry
+                if bool(held.any()) and it < self.max_iter and bool((live & ~held).any()):
+                    small_g = torch.zeros_like(small_g)  # not yet: the others are still descending
+                else:
+                    small_g, held = held, torch.zeros_like(held)
             if bool(small_g.any()):  # every test below needs a small gradient: most iterations skip them
                 # where ‖∇f(u₀)‖ < 1 the absolute test above depends on the objective's scale (an
                 # objective written with .mean() or small weights passes it far from u*): also ask for
@@ -137,13 +149,14 @@ class Solver:
                     fine = fine | (dn_c <= tol * unorm)  # (a warm start, say: the step itself is tiny)
                     conv = small_g & fine & pd_c & (dn_c <= (tol**0.5) * unorm)
                     saddle = small_g & ~pd_c
+                    retry = small_g & ~conv & ~saddle
                 else:
                     small_d = dn <= (tol**0.5) * unorm
                     conv = small_g & fine & pd & small_d
                     saddle = small_g & ~pd
                 status = torch.where(conv, CONVERGED, torch.where(saddle, NOT_MINIMUM, status))
                 done = done | conv | saddle
-            active = ~done
+            active = ~done & ~held
             n_active = int(active.sum())
             if it == self.max_iter or n_active == 0:
                 break
@@ -160,6 +173,7 @@ class Solver:
             U, f, g = U_new, f_new, g_new
             gnorm = _norm(g)
             iters += active
+            retry = retry & ~active  # (a held sample that failed its check has taken its step)
             finite = gnorm < _INF  # (a norm is ≥ 0 or NaN: one comparison instead of isfinite's five ops)
             if not (full and bool(finite.all())):  # (full: every active sample stepped)
                 nonfinite = active & ~finite

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from argminlayers import ArgminLayer, Objective, check
+from argminlayers import ArgminLayer, ConvergenceWarning, Objective, check
 from argminlayers.objectives import LogCoshRegression, PseudoHuber, SquaredDistance
 
 DT = torch.float64
@@ -117,6 +117,39 @@ def test_solvers_agree_and_converge(name, solver):
     torch.testing.assert_close(layer(V, lengths), ref, rtol=1e-8, atol=1e-9)
     g = layer.objective.grad(V * mask.unsqueeze(-1), ref, mask)
     assert float(g.norm(dim=-1).max()) < 1e-8
+
+
+def test_lbfgs_checks_the_curvature_of_a_batch_in_one_run(monkeypatch):
+    """L-BFGS's curvature check (Hessian products over the whole batch) runs once for samples
+    that reach a small gradient at different iterations, and still tells each one's ending: a
+    minimum, a saddle met at the start (∇f = 0), and a minimum so flat that its gradient is small
+    long before its step is (the check sends it on, and it still reaches u*)."""
+    from argminlayers import solvers
+    from argminlayers.objective import CONVERGED, NOT_MINIMUM
+
+    runs = []
+    curvature = solvers._curvature
+    monkeypatch.setattr(solvers, "_curvature", lambda lin, g, check: runs.append(int(check.sum()))
+                        or curvature(lin, g, check))
+
+    def f(v, u, w):  # minimum at m = mean(v) + 1 (w > 0); w < 0 makes m a maximum
+        x = u - v.mean(0) - 1
+        return w * (x**2).sum() + w.abs() * (x**4).sum()
+
+    V = data(B=4, T=5, p=3, seed=3)
+    w = torch.tensor([1.0, 1.0, -1.0, 1e-13], dtype=DT)
+    offset = torch.tensor([1.0, 30.0, 0.0, 1.0], dtype=DT)  # sample 1 starts far out, sample 2 at m
+    step = torch.tensor([0.3, -0.2, 0.1], dtype=DT)
+    layer = ArgminLayer(f, solver="lbfgs", init=lambda V, mask, w: V.mean(1) + 1 + offset[:len(V), None] * step)
+    with pytest.warns(ConvergenceWarning, match=r"samples \[2\] .*not positive definite"):
+        sol = layer.solve(V, w=w)
+    assert sol.status.tolist() == [CONVERGED, CONVERGED, NOT_MINIMUM, CONVERGED]
+    assert sol.iterations[0] < sol.iterations[1]
+    m = V.mean(1) + 1
+    torch.testing.assert_close(sol.u[[0, 1, 3]], m[[0, 1, 3]], rtol=0, atol=1e-4)
+    assert len(runs) < int(sol.iterations.max())  # not a run at every iteration of the tail
+    clean = ArgminLayer(f, solver="lbfgs", init=layer.init).solve(V[:2], w=w[:2])
+    assert runs[-1] == 2 and bool(clean.converged.all())  # the two minima: checked together
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
