@@ -152,6 +152,33 @@ def test_lbfgs_checks_the_curvature_of_a_batch_in_one_run(monkeypatch):
     assert runs[-1] == 2 and bool(clean.converged.all())  # the two minima: checked together
 
 
+def test_line_search_interpolates_an_overshooting_step():
+    """A full step that overshoots a quadratic's minimum k = 8 times along d is cut to 1/8 by one
+    more evaluation (halving took three); the interpolated step stays within [α/10, α/2], and
+    where f(u + α d) is not finite it halves."""
+    from argminlayers.solvers import _interpolate, armijo
+
+    class Bowl:  # f(u) = 4 ‖u‖²
+        calls = 0
+
+        def value(self, U):
+            Bowl.calls += 1
+            return 4 * (U**2).sum(-1)
+
+    U = torch.ones(3, 2, dtype=DT)
+    f, g = 4 * (U**2).sum(-1), 8 * U
+    d = -g  # the minimiser along d is at α = 1/8
+    U_new, f_new, ok, full = armijo(Bowl(), U, f, g, d, torch.ones(3, dtype=torch.bool))
+    assert bool(ok.all()) and not full and Bowl.calls == 2
+    torch.testing.assert_close(U_new, torch.zeros_like(U), rtol=0, atol=1e-12)
+    one, f0, slope = torch.ones(4, dtype=DT), torch.zeros(4, dtype=DT), -torch.ones(4, dtype=DT)
+    # f(u + d): a parabola with its minimiser at ¼; one with it at 5 (capped at α/2); no parabola (twice)
+    fc = torch.tensor([1.0, -0.9, float("nan"), float("inf")], dtype=DT)
+    torch.testing.assert_close(_interpolate(one, fc, f0, slope, 0.5), torch.tensor([0.25, 0.5, 0.5, 0.5], dtype=DT))
+    torch.testing.assert_close(_interpolate(one, torch.full((4,), 1e3, dtype=DT), f0, slope, 0.5),
+                               torch.full((4,), 0.1, dtype=DT))  # never below α/10
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_line_search_refuses_a_non_finite_value(value):
     """A trial value that is not finite is never accepted, even where the bound f(u) + allowance
