@@ -127,6 +127,8 @@ CAPS = {
 DEFAULTS_CAP_FACTOR = 3.0  # the defaults are what the goals are about: their time caps are wider
 ROUND_BUDGET = 10.0  # seconds of timed rounds per size: fewer rounds (never < 3) where a round is slow
 MIN_REPEATS = 3
+FAST_BUDGET = 2.0  # where the default rounds take less, more of them (up to MAX_REPEATS): millisecond
+MAX_REPEATS = 25  # calls on a shared machine vary by tens of percent from round to round
 GOALS = {"torchopt": 1.0, "jaxopt": 3.0, "hand": 3.0, "named": 1.5, "first_call": 10.0}
 
 
@@ -584,6 +586,8 @@ def _one(cfg, objective, dtype, size, role, only, repeats, caps, measured: Measu
 
     if cfg.repeats is None and round_s * repeats > ROUND_BUDGET:
         repeats = max(MIN_REPEATS, int(ROUND_BUDGET / max(round_s, 1e-9)))
+    elif cfg.repeats is None and not cfg.quick and round_s * repeats < FAST_BUDGET:
+        repeats = max(repeats, min(MAX_REPEATS, int(FAST_BUDGET / max(round_s, 1e-9))))
     row["repeats"] = repeats
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1039,7 +1043,8 @@ def _markdown(payload: dict[str, Any], charts: list[str]) -> str:
         f"{fmt_time(s['caps']['seconds'])} or {fmt_bytes(s['caps']['bytes'])} is skipped, with the figure "
         f"(the defaults' time caps are {DEFAULTS_CAP_FACTOR:g}× wider); a projection scales the method's nearest "
         "measured size below by B·T·p² + B·p³ (dense-Hessian methods) or B·T·p (time), and by B·T·p² (our memory). "
-        f"Rounds: {s['repeats']}, fewer (never below {MIN_REPEATS}) where a round is over {ROUND_BUDGET:g} s; "
+        f"Rounds: {s['repeats']}, fewer (never below {MIN_REPEATS}) where a round is over {ROUND_BUDGET:g} s, "
+        f"more (up to {MAX_REPEATS}) where {s['repeats']} take under {FAST_BUDGET:g} s; "
         "each table gives the count. "
         f"Versions: {', '.join(f'{k} {v}' for k, v in payload['environment'].get('versions', {}).items())}.",
     ]
