@@ -115,9 +115,8 @@ class Solver:
         # a gradient-only direction's curvature check costs Hessian products over the whole batch,
         # however few samples it checks: a sample whose gradient is small waits, frozen ("held"),
         # until no other is still descending, and one run checks them all (at 256 × 20 × 16, five
-        # runs a call became one or two). One that fails takes a step before it is held again.
+        # runs a call became one). One that fails the check takes a step before it waits again.
         held = torch.zeros_like(done)
-        retry = torch.zeros_like(done)
         for it in range(self.max_iter + 1):
             live = ~done
             d, pd = direction(lin, U, gnorm, live)
@@ -125,11 +124,11 @@ class Solver:
                 hessian = getattr(lin, "factored", None)
             small_g = live & (gnorm <= tol * scale)
             if pd is None:
-                held = small_g & ~retry
+                held = small_g
                 if bool(held.any()) and it < self.max_iter and bool((live & ~held).any()):
                     small_g = torch.zeros_like(small_g)  # not yet: the others are still descending
                 else:
-                    small_g, held = held, torch.zeros_like(held)
+                    held = torch.zeros_like(held)  # check them now; those that fail step at once
             if bool(small_g.any()):  # every test below needs a small gradient: most iterations skip them
                 # where ‖∇f(u₀)‖ < 1 the absolute test above depends on the objective's scale (an
                 # objective written with .mean() or small weights passes it far from u*): also ask for
@@ -149,7 +148,6 @@ class Solver:
                     fine = fine | (dn_c <= tol * unorm)  # (a warm start, say: the step itself is tiny)
                     conv = small_g & fine & pd_c & (dn_c <= (tol**0.5) * unorm)
                     saddle = small_g & ~pd_c
-                    retry = small_g & ~conv & ~saddle
                 else:
                     small_d = dn <= (tol**0.5) * unorm
                     conv = small_g & fine & pd & small_d
@@ -173,7 +171,6 @@ class Solver:
             U, f, g = U_new, f_new, g_new
             gnorm = _norm(g)
             iters += active
-            retry = retry & ~active  # (a held sample that failed its check has taken its step)
             finite = gnorm < _INF  # (a norm is ≥ 0 or NaN: one comparison instead of isfinite's five ops)
             if not (full and bool(finite.all())):  # (full: every active sample stepped)
                 nonfinite = active & ~finite
