@@ -39,6 +39,15 @@ class Problem:
             q *= n
         self.q = q
 
+    def rows(self, index: Tensor) -> "Problem":
+        """The samples ``index`` alone, a smaller batch of the same objective (which is per
+        sample), on detached data: what a solver steps when few samples are left."""
+        def pick(x: Any) -> Any:
+            return x.detach()[index] if isinstance(x, Tensor) and x.dim() and x.shape[0] == self.batch else x
+
+        return Problem(self.objective, pick(self.V), self.mask[index], {k: pick(x) for k, x in self.inputs.items()},
+                       self.q_shape, self.constraints)
+
     def shaped(self, U: Tensor) -> Tensor:
         """Flat ``(B, q)`` → ``(B, *q_shape)`` (a view)."""
         return U.reshape(U.shape[0], *self.q_shape)

@@ -152,6 +152,36 @@ def test_lbfgs_checks_the_curvature_of_a_batch_in_one_run(monkeypatch):
     assert runs[-1] == 2 and bool(clean.converged.all())  # the two minima: checked together
 
 
+def test_lbfgs_steps_its_last_samples_on_their_rows_alone(monkeypatch):
+    """Once at most half the batch is still descending, L-BFGS evaluates f on those rows alone:
+    the same minimisers, statuses and gradients as stepping the whole batch (float64 gradcheck
+    through the layer too), with a keyword input picked by row."""
+    from argminlayers import solvers
+    from argminlayers.problem import Problem
+
+    def f(v, u, w):
+        return (w * torch.sqrt(1 + ((u - v) ** 2).sum(-1))).sum()
+
+    V = data(B=8, T=4, p=3, seed=5)
+    V[::3] *= 20  # far from the start: these samples take more iterations
+    w = torch.linspace(0.5, 1.5, 8 * 4, dtype=DT).reshape(8, 4)
+    picked = []
+    rows = Problem.rows
+    monkeypatch.setattr(Problem, "rows", lambda self, index: picked.append(index.numel()) or rows(self, index))
+    layer = ArgminLayer(f, solver="lbfgs", backward="cg")
+    sol = layer.solve(V, w=w)
+    assert picked and max(picked) <= 4 and bool(sol.converged.all())
+    monkeypatch.setattr(solvers, "_COMPACT_MIN", 10**9)  # the whole batch at every step
+    whole = layer.solve(V, w=w)
+    assert bool(whole.converged.all()) and sol.status.tolist() == whole.status.tolist()
+    torch.testing.assert_close(sol.u, whole.u, rtol=0, atol=1e-9)
+    monkeypatch.setattr(solvers, "_COMPACT_MIN", 8)
+    n = len(picked)
+    Vg, wg = V.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda V, w: layer(V, w=w), (Vg, wg), atol=1e-6, rtol=1e-5)
+    assert len(picked) > n  # the gradcheck's solves stepped rows alone too
+
+
 def test_line_search_interpolates_an_overshooting_step():
     """A full step that overshoots a quadratic's minimum k = 8 times along d is cut to 1/8 by one
     more evaluation (halving took three); the interpolated step stays within [α/10, α/2], and
