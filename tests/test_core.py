@@ -122,7 +122,7 @@ def test_solvers_agree_and_converge(name, solver):
 def test_lbfgs_checks_the_curvature_of_a_batch_in_one_run(monkeypatch):
     """L-BFGS's curvature check (Hessian products over the whole batch) runs once for samples
     that reach a small gradient at different iterations, and still tells each one's ending: a
-    minimum, a saddle met at the start (∇f = 0), and a minimum so flat that its gradient is small
+    minimum, a maximum met at the start (∇f = 0), and a minimum so flat that its gradient is small
     long before its step is (the check sends it on, and it still reaches u*)."""
     from argminlayers import solvers
     from argminlayers.objective import CONVERGED, NOT_MINIMUM
